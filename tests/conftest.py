@@ -1,0 +1,31 @@
+"""Shared fixtures: the real SmolLM2 GGUF (fetched once into the cache) and the shared references."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "reference"
+
+
+@pytest.fixture(scope="session")
+def smollm2_path() -> Path:
+    from llava_jax.defaults import smollm2_path
+
+    return smollm2_path()
+
+
+@pytest.fixture(scope="session")
+def shared_reference() -> Path:
+    if not SHARED.exists():
+        pytest.skip(f"reference directory {SHARED} is missing")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def smollm2_reference(shared_reference) -> dict:
+    """llama.cpp's outputs on the F32 rewrite of the SmolLM2 file: a list of per-prompt dicts."""
+    return json.loads((shared_reference / "smollm2" / "f32.json").read_text())
