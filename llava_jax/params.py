@@ -11,7 +11,7 @@ The pytree mirrors GGUF names: "blk.3.attn_q.weight" → params["blk_3"]["attn_q
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -38,7 +38,7 @@ def check_tensors(gguf: GGUFFile, expected: dict[str, tuple[int, ...]]) -> None:
         quants.check_supported(name, view.qtype)
 
 
-@lru_cache(maxsize=None)
+@cache
 def _dequantizer(qtype, shape: tuple[int, ...], dtype, out_sharding: NamedSharding):
     def run(blocks):
         return quants.dequantize_blocks(blocks, qtype).reshape(shape).astype(dtype)

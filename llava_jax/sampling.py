@@ -154,7 +154,7 @@ def sample_next(logits: jax.Array, key: jax.Array, params: SamplingParams, recen
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    top_k_on = 0 < params.top_k < vocab
+    top_k_on = 0 < params.top_k < vocab - 1000
     top_p_on = params.top_p < 1.0
     min_p_on = params.min_p > 0.0
 

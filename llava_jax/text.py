@@ -102,10 +102,14 @@ def apply_rope(x: Array, cos: Array, sin: Array) -> Array:
 
 
 def attention_mask(write_index: Array, n_queries: int, kv_start: Array, kv_window: int) -> Array:
-    """bool [B, T, W]: query t (cache column write_index + t) sees columns kv_start[b] <= s <= write_index + t."""
+    """bool [B, T, W]: query t (cache column write_index + t) sees columns kv_start[b] <= s <= write_index + t.
+
+    A padding query (column < kv_start) sees only itself: no row is fully masked, so no NaN reaches the
+    cache through padding (0 * NaN would poison real rows).
+    """
     cols = jnp.arange(kv_window)[None, None, :]
     q_cols = write_index + jnp.arange(n_queries)[None, :, None]
-    return (cols <= q_cols) & (cols >= kv_start[:, None, None])
+    return (cols <= q_cols) & ((cols >= kv_start[:, None, None]) | (cols == q_cols))
 
 
 def attention(q: Array, k_cache: Array, v_cache: Array, mask: Array, dtype) -> Array:

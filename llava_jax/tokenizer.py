@@ -167,7 +167,8 @@ class Tokenizer:
         if model in ("no_vocab", "none"):
             raise LlavaError(f"GGUF file has no vocabulary (tokenizer.ggml.model = {model!r})")
         if model not in ("llama", "gpt2"):
-            raise LlavaError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); supported: 'llama', 'gpt2'")
+            raise LlavaError(f"unsupported tokenizer model {model!r} (tokenizer.ggml.model); "
+                             "supported: 'llama', 'gpt2'")
         self.model: str = model
         self._spm = model == "llama"
 
@@ -283,14 +284,15 @@ class Tokenizer:
             eom_id = tok2id["<|eom_id|>"]
             make_control(eom_id)
         eog: set[int] = set()
-        for key, texts in _FIM_EOG_TEXTS + _FIM_OTHER_TEXTS:
-            i = md.get(key)
-            if i is None or not 0 <= i < len(tokens):
-                i = first_of(texts)
-                if i is not None:
-                    make_control(i)
-            if i is not None and (key, texts) in _FIM_EOG_TEXTS:
-                eog.add(i)
+        for groups, ends_generation in ((_FIM_EOG_TEXTS, True), (_FIM_OTHER_TEXTS, False)):
+            for key, texts in groups:
+                i = md.get(key)
+                if i is None or not 0 <= i < len(tokens):
+                    i = first_of(texts)
+                    if i is not None:
+                        make_control(i)
+                if i is not None and ends_generation:
+                    eog.add(i)
         for t in _EOG_TEXTS:
             i = tok2id.get(t)
             if i is not None:
@@ -364,9 +366,10 @@ class Tokenizer:
     # ------------------------------------------------------------------ encoding
 
     def encode(self, text: str, add_bos: bool = False, parse_special: bool = False) -> list[int]:
-        """Token ids of `text`, as llama.cpp's `llama_tokenize(text, add_special=add_bos, parse_special)`.
+        """Token ids of `text`, as llama.cpp's `llama_tokenize(text, add_special, parse_special)`.
 
-        add_bos: put the BOS token first (pass `tok.add_bos` for the model's default).
+        add_bos: put the BOS token first (pass `tok.add_bos` for the model's default; llama.cpp's
+            add_special=True is `add_bos=tok.add_bos`).
         parse_special: recognise CONTROL tokens written in the text (e.g. "<|im_start|>").
         USER_DEFINED tokens are always recognised, as in llama.cpp. The EOS token is never appended.
         """
@@ -514,19 +517,7 @@ class Tokenizer:
         if self._ignore_merges and word in tok2id:
             return (tok2id[word],)
         parts = list(word)
-        ranks = self._ranks
-        if len(parts) <= 48:
-            while len(parts) > 1:
-                best, best_rank = -1, 1 << 62
-                for i in range(len(parts) - 1):
-                    r = ranks.get(parts[i] + " " + parts[i + 1])
-                    if r is not None and r < best_rank:
-                        best, best_rank = i, r
-                if best < 0:
-                    break
-                parts[best:best + 2] = [parts[best] + parts[best + 1]]
-        else:
-            parts = self._bpe_long(parts)
+        parts = self._merge_short(parts) if len(parts) <= 48 else self._merge_long(parts)
         ids: list[int] = []
         for p in parts:
             tid = tok2id.get(p)
@@ -538,8 +529,22 @@ class Tokenizer:
                         ids.append(tid)
         return tuple(ids)
 
-    def _bpe_long(self, parts: list[str]) -> list[str]:
-        """Same merge order as the short-word loop, with a heap (for long pieces)."""
+    def _merge_short(self, parts: list[str]) -> list[str]:
+        """Repeatedly merge the adjacent pair of lowest rank (leftmost on ties); O(n^2), fast for short pieces."""
+        ranks = self._ranks
+        while len(parts) > 1:
+            best, best_rank = -1, 1 << 62
+            for i in range(len(parts) - 1):
+                r = ranks.get(parts[i] + " " + parts[i + 1])
+                if r is not None and r < best_rank:
+                    best, best_rank = i, r
+            if best < 0:
+                break
+            parts[best:best + 2] = [parts[best] + parts[best + 1]]
+        return parts
+
+    def _merge_long(self, parts: list[str]) -> list[str]:
+        """Same merge order as `_merge_short`, with a heap and a linked list (for long pieces)."""
         ranks = self._ranks
         n = len(parts)
         sym = parts[:]

@@ -1,0 +1,257 @@
+"""Prefill + chunked `lax.scan` decoding over a (possibly ragged) batch of prompts.
+
+Layout: every row is *left*-padded to a common bucketed length Tb, so all rows write the same cache
+column at each step (one `dynamic_update_slice`, no per-row scatter); `kv_start[b]` masks row b's
+padding and its RoPE positions count from its first real token. A single prompt is a batch of one.
+
+Flow: one jitted prefill writes the prompt (text tokens and image embeddings merged at placeholder
+positions) into a preallocated, donated KV cache and returns the last position's logits; the first
+token is sampled from them; then `decode_chunk` runs `chunk` steps inside one jitted `lax.scan`
+(sampling included, PRNG key and recent-token window in the carry), so the host syncs once per chunk
+to stream text and check EOS / stop strings / limits.
+
+Shapes are bucketed (prompt length, cache length, attention window) so a long session compiles a
+handful of programs; compilation is done ahead of time and timed separately from evaluation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from llava_jax.config import TextConfig
+from llava_jax.errors import LlavaError
+from llava_jax.sampling import SamplingParams, init_recent, push_recent, sample_next
+from llava_jax.sharding import KV_CACHE_AXES, ShardingRules, sharding_for
+from llava_jax.text import Decoder, KVCache
+
+IMAGE_PLACEHOLDER = -1  # token id marking an image-embedding row in a prompt
+
+
+def bucket(n: int, minimum: int = 32, linear_from: int = 1024) -> int:
+    """Round n up to a power of two (>= minimum), or to a multiple of linear_from above it."""
+    if n <= minimum:
+        return minimum
+    if n <= linear_from:
+        return 1 << (n - 1).bit_length()
+    return -(-n // linear_from) * linear_from
+
+
+@dataclass
+class Timings:
+    """Seconds and counts of one generate call (compile time kept apart from evaluation)."""
+
+    prompt_tokens: int = 0
+    image_tokens: int = 0
+    prompt_s: float = 0.0
+    generated_tokens: int = 0
+    generate_s: float = 0.0
+    compile_s: float = 0.0
+    image_s: float = 0.0
+
+    @property
+    def prompt_tps(self) -> float:
+        return self.prompt_tokens / self.prompt_s if self.prompt_s else 0.0
+
+    @property
+    def generate_tps(self) -> float:
+        return self.generated_tokens / self.generate_s if self.generate_s else 0.0
+
+    def as_dict(self) -> dict:
+        return {**self.__dict__, "prompt_tps": self.prompt_tps, "generate_tps": self.generate_tps}
+
+
+@dataclass
+class Request:
+    """One row: token ids with IMAGE_PLACEHOLDER where image rows go, and those rows in order."""
+
+    tokens: list[int]
+    image_embeds: np.ndarray | None = None  # f32 [n_placeholders, D]
+    max_new_tokens: int = 128
+
+    def __post_init__(self):
+        n_slots = sum(t == IMAGE_PLACEHOLDER for t in self.tokens)
+        n_rows = 0 if self.image_embeds is None else len(self.image_embeds)
+        if n_slots != n_rows:
+            raise ValueError(f"{n_slots} image placeholders but {n_rows} image embedding rows")
+
+
+@dataclass
+class StepOutput:
+    """New tokens of one host sync: per row, the ids emitted since the last sync (possibly empty)."""
+
+    tokens: list[list[int]]
+    finished: list[bool]
+    timings: Timings = field(default_factory=Timings)
+
+
+class TextEngine:
+    """Jitted prefill / decode over one decoder's params on one mesh."""
+
+    def __init__(self, cfg: TextConfig, params: dict, mesh, dtype, scan_layers: bool = False,
+                 rules: ShardingRules = ShardingRules(), chunk: int = 16):
+        self.cfg, self.params, self.mesh, self.dtype, self.rules, self.chunk = cfg, params, mesh, dtype, rules, chunk
+        self.model = Decoder(cfg, dtype, scan_layers)
+        self._compiled: dict = {}
+        self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
+        self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps", "kv_window", "sampling"),
+                               donate_argnames=("cache",))
+        self._sample = jax.jit(sample_next, static_argnames=("params",))
+
+    # ---- jitted bodies ----------------------------------------------------------------------------
+    def _forward_impl(self, params, tokens, positions, cache, write_index, kv_start, image_embeds, logit_index, *,
+                      kv_window):
+        return self.model.apply({"params": params}, tokens, positions, cache, write_index, kv_start, kv_window,
+                                image_embeds=image_embeds, logit_index=logit_index)
+
+    def _decode_impl(self, params, cache, token, write_index, kv_start, key, recent, *, n_steps, kv_window, sampling):
+        """Feed `token` [B] at column write_index, then n_steps sample→feed steps. Returns tokens [B, n_steps]."""
+
+        def step(carry, _):
+            cache, token, column, key, recent = carry
+            positions = (column - kv_start)[:, None]
+            logits, cache = self.model.apply({"params": params}, token[:, None], positions, cache, column, kv_start,
+                                             kv_window, logit_index=jnp.zeros_like(kv_start))
+            key, sub = jax.random.split(key)
+            nxt = sample_next(logits, sub, sampling, recent)
+            return (cache, nxt, column + 1, key, push_recent(recent, nxt)), nxt
+
+        carry, tokens = jax.lax.scan(step, (cache, token, write_index, key, recent), None, length=n_steps)
+        cache, _, _, key, recent = carry
+        return tokens.T, cache, key, recent
+
+    def _compile(self, fn, name: str, timings: Timings | None, *args, **static):
+        """Ahead-of-time compile fn for these shapes (cached); compile seconds go to timings."""
+        sig = (name, tuple(sorted(static.items())),
+               tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]) if hasattr(a, "shape")))
+        compiled = self._compiled.get(sig)
+        if compiled is None:
+            t0 = time.perf_counter()
+            compiled = self._compiled[sig] = fn.lower(*args, **static).compile()
+            if timings is not None:
+                timings.compile_s += time.perf_counter() - t0
+        return compiled
+
+    # ---- building blocks ----------------------------------------------------------------------------
+    def new_cache(self, batch: int, length: int) -> KVCache:
+        shape = (self.cfg.n_layers, batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
+        sharding = sharding_for(shape, (None, *KV_CACHE_AXES), self.mesh, self.rules)
+        zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
+        return KVCache(zeros(), zeros())
+
+    def _batch_array(self, x: np.ndarray) -> jax.Array:
+        axes = ("batch",) + (None,) * (x.ndim - 1)
+        return jax.device_put(x, sharding_for(x.shape, axes, self.mesh, self.rules))
+
+    def logits(self, ids: Sequence[int]) -> np.ndarray:
+        """Teacher-forced f32 logits [len(ids), V] for one sequence (no images)."""
+        n = len(ids)
+        tb = bucket(n)
+        tokens = np.zeros((1, tb), np.int32)
+        tokens[0, :n] = ids
+        positions = np.arange(tb, dtype=np.int32)[None]
+        cache = self.new_cache(1, tb)
+        args = (self.params, tokens, positions, cache, np.int32(0), np.zeros(1, np.int32), None, None)
+        out, _ = self._compile(self._forward, "logits", None, *args, kv_window=tb)(*args)
+        return np.asarray(out[0, :n])
+
+    # ---- generation ------------------------------------------------------------------------------
+    def generate(self, requests: Sequence[Request], sampling: SamplingParams, key: jax.Array, n_ctx: int,
+                 stop_ids: frozenset[int] = frozenset()) -> Iterator[StepOutput]:
+        """Yield the new tokens of every row at each host sync until all rows finish.
+
+        A row finishes on a stop id (not emitted), at its max_new_tokens, or at the context end.
+        """
+        timings = Timings()
+        b = len(requests)
+        lengths = [len(r.tokens) for r in requests]
+        for r, n in zip(requests, lengths, strict=True):
+            if n == 0:
+                raise LlavaError("empty prompt: nothing to generate from")
+            if n >= n_ctx:
+                n_img = sum(t == IMAGE_PLACEHOLDER for t in r.tokens)
+                raise LlavaError(f"prompt is {n} tokens ({n - n_img} text + {n_img} image), context is {n_ctx}: "
+                                 f"pass a larger -c (at most {self.cfg.context_length})")
+        limits = [min(r.max_new_tokens, n_ctx - n) for r, n in zip(requests, lengths, strict=True)]
+        tb = bucket(max(lengths))
+        total = tb + max(limits) + self.chunk
+        cache_len = bucket(total, minimum=256)
+
+        tokens = np.zeros((b, tb), np.int32)
+        kv_start = np.array([tb - n for n in lengths], np.int32)
+        for i, r in enumerate(requests):
+            tokens[i, tb - lengths[i]:] = r.tokens
+        positions = np.maximum(np.arange(tb, dtype=np.int32)[None] - kv_start[:, None], 0)
+        n_img = max((0 if r.image_embeds is None else len(r.image_embeds)) for r in requests)
+        image_embeds = None
+        if n_img:
+            image_embeds = np.zeros((b, n_img, self.cfg.dim), np.float32)
+            for i, r in enumerate(requests):
+                if r.image_embeds is not None:
+                    image_embeds[i, : len(r.image_embeds)] = r.image_embeds
+            image_embeds = self._batch_array(image_embeds)
+        timings.prompt_tokens = sum(lengths)
+        timings.image_tokens = sum(t == IMAGE_PLACEHOLDER for r in requests for t in r.tokens)
+        recent = jnp.asarray(init_recent([[t for t in r.tokens if t >= 0] for r in requests],
+                                         sampling.repeat_last_n))
+
+        cache = self.new_cache(b, cache_len)
+        args = (self.params, self._batch_array(tokens), self._batch_array(positions), cache, np.int32(0),
+                self._batch_array(kv_start), image_embeds, np.full(b, tb - 1, np.int32))
+        prefill = self._compile(self._forward, "prefill", timings, *args, kv_window=tb)
+        t0 = time.perf_counter()
+        logits, cache = prefill(*args)
+        key, sub = jax.random.split(key)
+        token = self._sample(logits, sub, sampling, recent)
+        recent = push_recent(recent, token)
+        first = np.asarray(token)
+        timings.prompt_s = time.perf_counter() - t0
+
+        produced = [0] * b
+        finished = [False] * b
+        new = self._accept(first[:, None], produced, finished, limits, stop_ids)
+        timings.generated_tokens = sum(len(x) for x in new)
+        yield StepOutput(new, list(finished), timings)
+
+        column = tb
+        kv_start_dev = self._batch_array(kv_start)
+        while not all(finished):
+            window = min(cache_len, bucket(column + self.chunk, minimum=256))
+            static = dict(n_steps=self.chunk, kv_window=window, sampling=sampling)
+            args = (self.params, cache, token, np.int32(column), kv_start_dev, key, recent)
+            decode = self._compile(self._decode, "decode", timings, *args, **static)
+            t0 = time.perf_counter()
+            steps, cache, key, recent = decode(*args)
+            host = np.asarray(steps)
+            timings.generate_s += time.perf_counter() - t0
+            token = steps[:, -1]
+            column += self.chunk
+            new = self._accept(host, produced, finished, limits, stop_ids)
+            timings.generated_tokens += sum(len(x) for x in new)
+            yield StepOutput(new, list(finished), timings)
+
+    @staticmethod
+    def _accept(new: np.ndarray, produced: list[int], finished: list[bool], limits: list[int],
+                stop_ids: frozenset[int]) -> list[list[int]]:
+        """Host-side bookkeeping of one sync: cut each row at a stop id or its limit."""
+        out = []
+        for i, row in enumerate(new.tolist()):
+            kept: list[int] = []
+            for tok in row:
+                if finished[i]:
+                    break
+                if tok in stop_ids:
+                    finished[i] = True
+                    break
+                kept.append(tok)
+                produced[i] += 1
+                if produced[i] >= limits[i]:
+                    finished[i] = True
+            out.append(kept)
+        return out
+
