@@ -101,13 +101,20 @@ class TextEngine:
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps", "kv_window", "sampling"),
                                donate_argnames=("cache",))
-        self._sample = jax.jit(sample_next, static_argnames=("params",))
+        self._first = jax.jit(self._first_impl, static_argnames=("sampling",))
 
     # ---- jitted bodies ----------------------------------------------------------------------------
     def _forward_impl(self, params, tokens, positions, cache, write_index, kv_start, image_embeds, logit_index, *,
                       kv_window):
         return self.model.apply({"params": params}, tokens, positions, cache, write_index, kv_start, kv_window,
                                 image_embeds=image_embeds, logit_index=logit_index)
+
+    @staticmethod
+    def _first_impl(logits, key, recent, *, sampling):
+        """Sample the first token from the prefill logits [B, V]."""
+        key, sub = jax.random.split(key)
+        token = sample_next(logits, sub, sampling, recent)
+        return token, key, push_recent(recent, token)
 
     def _decode_impl(self, params, cache, token, write_index, kv_start, key, recent, *, n_steps, kv_window, sampling):
         """Feed `token` [B] at column write_index, then n_steps sample→feed steps. Returns tokens [B, n_steps]."""
@@ -128,7 +135,7 @@ class TextEngine:
     def _compile(self, fn, name: str, timings: Timings | None, *args, **static):
         """Ahead-of-time compile fn for these shapes (cached); compile seconds go to timings."""
         sig = (name, tuple(sorted(static.items())),
-               tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args[1:]) if hasattr(a, "shape")))
+               tuple((a.shape, str(a.dtype)) for a in jax.tree_util.tree_leaves(args) if hasattr(a, "shape")))
         compiled = self._compiled.get(sig)
         if compiled is None:
             t0 = time.perf_counter()
@@ -206,9 +213,8 @@ class TextEngine:
         prefill = self._compile(self._forward, "prefill", timings, *args, kv_window=tb)
         t0 = time.perf_counter()
         logits, cache = prefill(*args)
-        key, sub = jax.random.split(key)
-        token = self._sample(logits, sub, sampling, recent)
-        recent = push_recent(recent, token)
+        first_token = self._compile(self._first, "first", timings, logits, key, recent, sampling=sampling)
+        token, key, recent = first_token(logits, key, recent)
         first = np.asarray(token)
         timings.prompt_s = time.perf_counter() - t0
 

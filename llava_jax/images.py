@@ -15,8 +15,10 @@ Two pipelines, picked by `compat`:
   both sides fit one tile; otherwise the tiles row-major, then the overview stretched to one tile, each a
   separate `n_patches`-token image (no unpad, no newline).
 
-All resizing is Pillow's bicubic on 8-bit RGB (llama.cpp reimplements Pillow's fixed-point resampler, so
-the bytes agree). Pixels come out as float32 `[n_tiles, 3, S, S]`.
+All resizing is Pillow's bicubic on 8-bit RGB. llama.cpp reimplements Pillow's fixed-point resampler but
+always runs the horizontal pass first, where Pillow starts with the axis that shrinks most; compat mode
+runs the two passes as two one-axis Pillow resizes, which gives llama.cpp's bytes exactly.
+Pixels come out as float32 `[n_tiles, 3, S, S]`.
 """
 
 from __future__ import annotations
@@ -139,11 +141,11 @@ def preprocess(image, cfg: VisionConfig, compat: str = "llava") -> PreparedImage
         if not cfg.is_anyres:
             tiles = [resize_with_pad_llamacpp(img, (tile, tile), LLAMACPP_PAD_COLOR)]
         elif layout.n_tiles == 1:
-            tiles = [_resize(img, (tile, tile))]
+            tiles = [resize_llamacpp(img, (tile, tile))]
         else:
             rows, cols = layout.grid
             refined = resize_with_pad_llamacpp(img, (cols * tile, rows * tile), (0, 0, 0))
-            tiles = divide_to_tiles(refined, tile) + [_resize(img, (tile, tile))]
+            tiles = divide_to_tiles(refined, tile) + [resize_llamacpp(img, (tile, tile))]
         return PreparedImage(np.stack([normalize_llamacpp(t, cfg) for t in tiles]), layout)
 
     if not cfg.is_anyres:
@@ -262,6 +264,16 @@ def unpad_crop(size: tuple[int, int], grid_hw: tuple[int, int]) -> tuple[int, in
 # llama.cpp operations
 
 
+def resize_llamacpp(img: Image.Image, size: tuple[int, int]) -> Image.Image:
+    """llama.cpp's bicubic resize: Pillow's filter, horizontal pass first, 8-bit between the passes."""
+    w, h = size
+    if w != img.size[0]:
+        img = _resize(img, (w, img.size[1]))
+    if h != img.size[1]:
+        img = _resize(img, (w, h))
+    return img
+
+
 def resize_with_pad_llamacpp(img: Image.Image, target: tuple[int, int], color) -> Image.Image:
     """llama.cpp's resize with `PAD_CEIL`: scale by the smaller ratio (float32), ceil both sides, resize,
     paste at the integer-centred offset on a `color` canvas. (For 1.5 this is resize-then-pad, where
@@ -274,7 +286,7 @@ def resize_with_pad_llamacpp(img: Image.Image, target: tuple[int, int], color) -
     nw = min(math.ceil(np.float32(w) * scale), tw)
     nh = min(math.ceil(np.float32(h) * scale), th)
     canvas = Image.new("RGB", (tw, th), tuple(color))
-    canvas.paste(_resize(img, (nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
+    canvas.paste(resize_llamacpp(img, (nw, nh)), ((tw - nw) // 2, (th - nh) // 2))
     return canvas
 
 

@@ -65,8 +65,7 @@ class SamplingParams:
             raise LlavaError(f"sampling: repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}")
         if self.repeat_last_n < 0:
             raise LlavaError(
-                f"sampling: repeat_last_n must be >= 0 (0 = off; resolve -1 to the context size), "
-                f"got {self.repeat_last_n}"
+                f"sampling: repeat_last_n must be >= 0 (0 = off; resolve -1 to the context size), got {self.repeat_last_n}"
             )
 
     @property
@@ -154,7 +153,7 @@ def sample_next(logits: jax.Array, key: jax.Array, params: SamplingParams, recen
     if params.greedy:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
-    top_k_on = 0 < params.top_k < vocab - 1000
+    top_k_on = 0 < params.top_k < vocab
     top_p_on = params.top_p < 1.0
     min_p_on = params.min_p > 0.0
 

@@ -5,10 +5,13 @@ Builders (plain functions, usable outside pytest) write a `save_pretrained` dire
 - `build_llava15(out_dir, tokenizer="spm"|"bpe", tie_word_embeddings=False)`: `LlavaForConditionalGeneration`
 - `build_llava16(out_dir, tokenizer="spm"|"bpe")`: `LlavaNextForConditionalGeneration` (pinpoints, image_newline)
 - `to_original_layout(hf_dir, out_dir)`: the same weights in the original LLaVA (liuhaotian) layout; returns
-  `(model_dir, clip_dir)`, `clip_dir` being a separate CLIP directory for 1.5 and None for 1.6.
+  `(model_dir, clip_dir)`: for 1.5 a full CLIP directory (the vision weights live only there), for 1.6 a
+  config-only CLIP directory (the weights are inside the checkpoint; the tiny tower's head count is not
+  in the LLaVA config, so `--clip` supplies it).
 
 Session-scoped pytest fixtures (import them into a test module, or list this module in `pytest_plugins`):
-`hf_llava15_dir`, `hf_llava16_dir`, `hf_llava15_bpe_dir`, `orig_llava15_dirs`, `orig_llava16_dir`.
+`hf_llava15_dir`, `hf_llava16_dir`, `hf_llava15_bpe_dir` (→ Path), `orig_llava15_dirs`, `orig_llava16_dirs`
+(→ (model_dir, clip_dir)).
 
 What is in each model (all f32):
 - vision: CLIP, image 336, patch 14 (576 patches + class token), width 64, 4 heads, FFN 128, 3 layers,
@@ -298,7 +301,7 @@ def _strip(name: str) -> tuple[str, str]:
     raise KeyError(name)
 
 
-def to_original_layout(hf_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path | None]:
+def to_original_layout(hf_dir: str | Path, out_dir: str | Path) -> tuple[Path, Path]:
     """Rewrite a tiny llava-hf checkpoint in the original LLaVA layout.
 
     1.5 (`LlavaForConditionalGeneration`): out_dir/model holds `LlavaLlamaForCausalLM` with `model.mm_projector.*`
@@ -307,7 +310,8 @@ def to_original_layout(hf_dir: str | Path, out_dir: str | Path) -> tuple[Path, P
     keys `vision_model.*`, plus a dummy text tower); returns (model_dir, clip_dir).
     1.6 (`LlavaNextForConditionalGeneration`): out_dir/model with the vision tower inside
     (`model.vision_tower.vision_tower.vision_model.*`), `model.image_newline`, `image_grid_pinpoints` (w, h),
-    `mm_patch_merge_type`, in safetensors shards; returns (model_dir, None).
+    `mm_patch_merge_type`, in safetensors shards; out_dir/clip holds only the CLIP config.json and
+    preprocessor_config.json; returns (model_dir, clip_dir).
     The tokenizer files are copied; the vocab size stays that of the HF model.
     """
     import torch
@@ -369,20 +373,18 @@ def to_original_layout(hf_dir: str | Path, out_dir: str | Path) -> tuple[Path, P
             llm[f"model.vision_tower.vision_tower.{name}"] = arr
         _save_safetensors_shards(llm, model_dir, n_shards=2)
         (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-        return model_dir, None
+        return model_dir, _write_clip_dir(out_dir / "clip", vision, None)
 
     _save_bin_shards(llm, model_dir, n_shards=2, torch=torch)
     (model_dir / "config.json").write_text(json.dumps(config, indent=2))
-    clip_dir = out_dir / "clip"
-    clip_dir.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(1)
-    vis["text_model.embeddings.token_embedding.weight"] = rng.standard_normal((64, 16), dtype=np.float32)
-    vis["visual_projection.weight"] = rng.standard_normal((vision.get("projection_dim", 32), vision["hidden_size"]),
-                                                          dtype=np.float32)
-    vis["logit_scale"] = np.array(2.6592, dtype=np.float32)
-    from safetensors.numpy import save_file
+    return model_dir, _write_clip_dir(out_dir / "clip", vision, vis)
 
-    save_file({k: np.ascontiguousarray(v) for k, v in vis.items()}, str(clip_dir / "model.safetensors"))
+
+def _write_clip_dir(clip_dir: Path, vision: dict, vis: dict[str, np.ndarray] | None) -> Path:
+    """A CLIPModel directory like openai/clip-vit-large-patch14-336 (config, preprocessor, weights if given)."""
+    clip_dir.mkdir(parents=True, exist_ok=True)
+    if vis is not None:
+        _write_clip_weights(clip_dir, vision, vis)
     clip_cfg = {"architectures": ["CLIPModel"], "model_type": "clip", "projection_dim": vision.get("projection_dim", 32),
                 "text_config": {"hidden_size": 16, "vocab_size": 64, "num_hidden_layers": 1},
                 "vision_config": {k: v for k, v in vision.items() if k not in ("architectures",)}}
@@ -393,7 +395,19 @@ def to_original_layout(hf_dir: str | Path, out_dir: str | Path) -> tuple[Path, P
            "do_rescale": True, "rescale_factor": 1 / 255, "resample": 3, "image_mean": CLIP_MEAN,
            "image_std": CLIP_STD, "do_convert_rgb": True}
     (clip_dir / "preprocessor_config.json").write_text(json.dumps(pre, indent=2))
-    return model_dir, clip_dir
+    return clip_dir
+
+
+def _write_clip_weights(clip_dir: Path, vision: dict, vis: dict[str, np.ndarray]) -> None:
+    vis = dict(vis)
+    rng = np.random.default_rng(1)
+    vis["text_model.embeddings.token_embedding.weight"] = rng.standard_normal((64, 16), dtype=np.float32)
+    vis["visual_projection.weight"] = rng.standard_normal((vision.get("projection_dim", 32), vision["hidden_size"]),
+                                                          dtype=np.float32)
+    vis["logit_scale"] = np.array(2.6592, dtype=np.float32)
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in vis.items()}, str(clip_dir / "model.safetensors"))
 
 
 def _split(names: list[str], n_shards: int) -> list[list[str]]:
@@ -454,11 +468,10 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def orig_llava15_dirs(hf_llava15_dir, tmp_path_factory) -> tuple[Path, Path]:
         """(model_dir, clip_dir): `hf_llava15_dir`'s weights in the original LLaVA-1.5 layout + a CLIP dir."""
-        model_dir, clip_dir = to_original_layout(hf_llava15_dir, tmp_path_factory.mktemp("orig_llava15"))
-        assert clip_dir is not None
-        return model_dir, clip_dir
+        return to_original_layout(hf_llava15_dir, tmp_path_factory.mktemp("orig_llava15"))
 
     @pytest.fixture(scope="session")
-    def orig_llava16_dir(hf_llava16_dir, tmp_path_factory) -> Path:
-        """`hf_llava16_dir`'s weights in the original LLaVA-1.6 layout (vision tower inside)."""
-        return to_original_layout(hf_llava16_dir, tmp_path_factory.mktemp("orig_llava16"))[0]
+    def orig_llava16_dirs(hf_llava16_dir, tmp_path_factory) -> tuple[Path, Path]:
+        """(model_dir, clip_dir): `hf_llava16_dir`'s weights in the original LLaVA-1.6 layout (tower inside)
+        + a config-only CLIP dir."""
+        return to_original_layout(hf_llava16_dir, tmp_path_factory.mktemp("orig_llava16"))

@@ -162,8 +162,12 @@ def _read_json(path: Path) -> dict:
         raise LlavaError(f"cannot read {path}: {str(e).splitlines()[0][:200]}") from None
 
 
-def detect_layout(model_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str] | None = None) -> Layout:
-    """Read MODEL_DIR/config.json, find the vision tower, and index the weights. Raises LlavaError."""
+def detect_layout(model_dir: str | os.PathLike[str], clip_dir: str | os.PathLike[str] | None = None,
+                  text_only: bool = False) -> Layout:
+    """Read MODEL_DIR/config.json, find the vision tower, and index the weights. Raises LlavaError.
+
+    text_only: skip the vision half (`Layout.vision` is None); an original LLaVA-1.5 then needs no CLIP dir.
+    """
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise LlavaError(f"model directory not found: {model_dir}")
@@ -175,18 +179,18 @@ def detect_layout(model_dir: str | os.PathLike[str], clip_dir: str | os.PathLike
     config = _read_json(cfg_path)
     arch = (config.get("architectures") or [None])[0]
     if arch == "LlavaForConditionalGeneration":
-        return _hf_layout(model_dir, config, "llava-hf", clip_dir)
+        return _hf_layout(model_dir, config, "llava-hf", clip_dir, text_only)
     if arch == "LlavaNextForConditionalGeneration":
-        return _hf_layout(model_dir, config, "llava-next-hf", clip_dir)
+        return _hf_layout(model_dir, config, "llava-next-hf", clip_dir, text_only)
     if arch in _ORIGINAL_ARCHS:
-        return _original_layout(model_dir, config, clip_dir)
+        return _original_layout(model_dir, config, clip_dir, text_only)
     raise LlavaError(
         f"unknown checkpoint layout in {model_dir}: architectures={config.get('architectures')!r}, "
         f"model_type={config.get('model_type')!r} (expected LlavaForConditionalGeneration, "
         "LlavaNextForConditionalGeneration or LlavaLlamaForCausalLM/LlavaMistralForCausalLM)")
 
 
-def _hf_layout(model_dir: Path, config: dict, kind: str, clip_dir) -> Layout:
+def _hf_layout(model_dir: Path, config: dict, kind: str, clip_dir, text_only: bool) -> Layout:
     text_cfg = config.get("text_config") or {}
     vision_cfg = config.get("vision_config") or {}
     if vision_cfg.get("model_type", "clip_vision_model") != "clip_vision_model":
@@ -215,13 +219,15 @@ def _hf_layout(model_dir: Path, config: dict, kind: str, clip_dir) -> Layout:
         pinpoints = _flatten_pinpoints(pairs, swap=True)  # transformers stores (height, width)
         merge = "spatial_unpad"
     layout.text = _text_params(layout, text_cfg, config)
+    if text_only:
+        return layout
     mean, std = _mean_std([model_dir] + ([Path(clip_dir)] if clip_dir else []))
     layout.vision = _vision_params(layout, vision_cfg, config.get("vision_feature_layer", -2), mean, std,
                                    pinpoints, merge)
     return layout
 
 
-def _original_layout(model_dir: Path, config: dict, clip_dir) -> Layout:
+def _original_layout(model_dir: Path, config: dict, clip_dir, text_only: bool) -> Layout:
     select = config.get("mm_vision_select_feature", "patch")
     if select != "patch":
         raise LlavaError(f"unsupported mm_vision_select_feature {select!r} (only 'patch' is supported)")
@@ -234,6 +240,13 @@ def _original_layout(model_dir: Path, config: dict, clip_dir) -> Layout:
     anyres = str(config.get("image_aspect_ratio", "")).startswith("anyres") or "image_grid_pinpoints" in config
     tower_name = config.get("mm_vision_tower") or config.get("vision_tower")
     found = Path(clip_dir) if clip_dir else _find_tower_dir(tower_name, model_dir)
+    if text_only:
+        layout = Layout(kind="llava-1.6" if anyres else "llava-1.5", model_dir=model_dir, clip_dir=found,
+                        config=config, text=None, vision=None, model=model, vision_ckpt=model,  # type: ignore[arg-type]
+                        text_prefixes=("model.",), lm_head_names=("lm_head.weight",), vision_prefixes=(),
+                        projector_prefixes=(), projector_rename={})
+        layout.text = _text_params(layout, config, config)
+        return layout
     if found is None and not tower_inside:
         raise LlavaError(f"vision tower {tower_name!r} not found: pass its local CLIP directory with --clip")
     if found is not None:
