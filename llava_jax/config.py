@@ -295,8 +295,8 @@ class VisionConfig:
             patch_merge=merge,
             has_class_embd="v.class_embd" in shapes,
             has_patch_bias="v.patch_embd.bias" in shapes,
-            has_pre_ln="v.pre_ln.weight" in shapes,
-            has_post_ln="v.post_ln.weight" in shapes,
+            has_pre_ln="v.pre_ln.weight" in shapes or "v.pre_ln.bias" in shapes,  # optional, but both or none
+            has_post_ln="v.post_ln.weight" in shapes or "v.post_ln.bias" in shapes,
             has_newline=has_newline,
             ffn_swapped=ffn_swapped,
         )

@@ -83,7 +83,11 @@ class Request:
 
 @dataclass
 class StepOutput:
-    """New tokens of one host sync: per row, the ids emitted since the last sync (possibly empty)."""
+    """New tokens of one host sync: per row, the ids emitted since the last sync (possibly empty).
+
+    `finished` is the engine's live list: a consumer may set `finished[i] = True` (e.g. on a stop
+    string) to end row i; the loop ends when every row is finished.
+    """
 
     tokens: list[list[int]]
     finished: list[bool]
@@ -195,6 +199,7 @@ class TextEngine:
             tokens[i, tb - lengths[i]:] = r.tokens
         positions = np.maximum(np.arange(tb, dtype=np.int32)[None] - kv_start[:, None], 0)
         n_img = max((0 if r.image_embeds is None else len(r.image_embeds)) for r in requests)
+        n_img = bucket(n_img, minimum=64) if n_img else 0  # few compiled shapes across image counts
         image_embeds = None
         if n_img:
             image_embeds = np.zeros((b, n_img, self.cfg.dim), np.float32)
@@ -222,7 +227,7 @@ class TextEngine:
         finished = [False] * b
         new = self._accept(first[:, None], produced, finished, limits, stop_ids)
         timings.generated_tokens = sum(len(x) for x in new)
-        yield StepOutput(new, list(finished), timings)
+        yield StepOutput(new, finished, timings)
 
         column = tb
         kv_start_dev = self._batch_array(kv_start)
@@ -239,7 +244,7 @@ class TextEngine:
             column += self.chunk
             new = self._accept(host, produced, finished, limits, stop_ids)
             timings.generated_tokens += sum(len(x) for x in new)
-            yield StepOutput(new, list(finished), timings)
+            yield StepOutput(new, finished, timings)
 
     @staticmethod
     def _accept(new: np.ndarray, produced: list[int], finished: list[bool], limits: list[int],

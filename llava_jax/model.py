@@ -66,9 +66,10 @@ class GenerationResult:
 class Llava:
     """A loaded language model (+ optional image encoder) on a mesh. Build it with `load`."""
 
-    def __init__(self, path: str, metadata: dict, tokenizer: Tokenizer, engine: TextEngine, n_ctx: int,
-                 image_encoder=None, load_s: float = 0.0):
-        self.path, self.metadata, self.tokenizer, self.engine = path, metadata, tokenizer, engine
+    def __init__(self, path: str, metadata: dict, tensor_names: set[str], tokenizer: Tokenizer, engine: TextEngine,
+                 n_ctx: int, image_encoder=None, load_s: float = 0.0):
+        self.path, self.metadata, self.tensor_names = path, metadata, set(tensor_names)
+        self.tokenizer, self.engine = tokenizer, engine
         self.cfg: TextConfig = engine.cfg
         self.n_ctx, self.image_encoder, self.load_s = n_ctx, image_encoder, load_s
 
@@ -100,73 +101,125 @@ class Llava:
         return np.asarray(self._require_vision().embed([image])[0])
 
     # ---- prompts ------------------------------------------------------------------------------------
-    def build_request(self, prompt: str, images: Sequence = (), template: str | None = None,
-                      max_new_tokens: int = 128, timings: Timings | None = None) -> Request:
-        """Prompt text (+ images) → token ids with image placeholders and the image rows to put there.
+    def embed_images(self, images: Sequence, timings: Timings | None = None) -> list[np.ndarray]:
+        """All tiles of all images through the ViT in one batched call → one [n_tokens_i, dim] array each."""
+        if not images:
+            return []
+        t0 = time.perf_counter()
+        embeds = [np.asarray(e) for e in self._require_vision().embed(list(images))]
+        if timings is not None:
+            timings.image_s += time.perf_counter() - t0
+        return embeds
+
+    def request_from_embeds(self, prompt: str, embeds: Sequence[np.ndarray], template: str | None = None,
+                            max_new_tokens: int = 128) -> Request:
+        """Prompt text + image embeddings → token ids with image placeholders and the rows to put there.
 
         Without images the prompt is used as is (special tokens parsed, BOS per the model's flag). With
-        images, a prompt containing `<image>` is the whole prompt; otherwise the chat template wraps it.
+        images, a prompt containing `<image>` is the whole prompt; otherwise the chat template wraps it,
+        images first. Text pieces are tokenized separately, as llama.cpp's mtmd does.
         """
-        if not images:
+        if not embeds:
             return Request(self.tokenize(prompt), None, max_new_tokens)
         from llava_jax.prompts import ImageSlot, build_prompt, template_from_metadata
 
-        encoder = self._require_vision()
-        t0 = time.perf_counter()
-        embeds = [np.asarray(e) for e in encoder.embed(list(images))]
-        if timings is not None:
-            timings.image_s += time.perf_counter() - t0
         name = template or template_from_metadata(self.metadata)
-        tokens: list[int] = []
-        for i, seg in enumerate(build_prompt(prompt, len(images), name)):
+        bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id is not None else []
+        tokens: list[int] = list(bos)
+        for seg in build_prompt(prompt, len(embeds), name):
             if isinstance(seg, ImageSlot):
                 tokens += [IMAGE_PLACEHOLDER] * len(embeds[seg.index])
             else:
-                tokens += self.tokenizer.encode(seg, add_bos=self.tokenizer.add_bos and i == 0, parse_special=True)
-        if self.tokenizer.add_bos and tokens and tokens[0] == IMAGE_PLACEHOLDER and self.tokenizer.bos_id is not None:
-            tokens.insert(0, self.tokenizer.bos_id)
-        return Request(tokens, np.concatenate(embeds, axis=0), max_new_tokens)
+                tokens += self.tokenizer.encode(seg, add_bos=False, parse_special=True)
+        return Request(tokens, np.concatenate(list(embeds), axis=0), max_new_tokens)
+
+    def prompt_length(self, prompt: str, images: Sequence = (), template: str | None = None) -> int:
+        """Tokens the prompt will take, images included, without running the ViT (from image sizes)."""
+        from llava_jax.images import as_rgb
+
+        encoder = self._require_vision() if images else None
+        sizes = [as_rgb(img).size for img in images]
+        shapes = [np.empty((encoder.n_tokens(size), 0), np.float32) for size in sizes]
+        return len(self.request_from_embeds(prompt, shapes, template).tokens)
+
+    def build_request(self, prompt: str, images: Sequence = (), template: str | None = None,
+                      max_new_tokens: int = 128, timings: Timings | None = None) -> Request:
+        return self.request_from_embeds(prompt, self.embed_images(images, timings), template, max_new_tokens)
 
     # ---- generation ---------------------------------------------------------------------------------
+    def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> SamplingParams:
+        if repeat_last_n < 0:  # llama.cpp's -1: the whole context
+            repeat_last_n = self.n_ctx
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+
     def stream(self, prompt: str, images: Sequence = (), *, max_new_tokens: int = 128, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] = (),
                template: str | None = None) -> Iterator[str]:
-        """Yield text as it is generated (one host sync per decode chunk); `self.last_result` holds the result."""
-        sampling = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                                  repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+        """Yield text as it is generated (one host sync per decode chunk); `self.last_result` holds the result.
+
+        max_new_tokens < 0 (llama.cpp's -n -1): until EOS or the context is full.
+        """
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         timings = Timings()
-        if max_new_tokens < 0:  # llama.cpp's -n -1: until EOS or the context is full
+        if max_new_tokens < 0:
             max_new_tokens = self.n_ctx
         request = self.build_request(prompt, images, template, max_new_tokens, timings)
+        row = _RowText(self.tokenizer, stop)
         image_s = timings.image_s
-        decoder = StreamDecoder(self.tokenizer)
-        ids: list[int] = []
-        text = ""
-        emitted = 0
-        holdback = max((len(s) for s in stop), default=1) - 1
-        reason = "length"
         for step in self.engine.generate([request], sampling, initial_key(sampling), self.n_ctx,
                                          self.tokenizer.stop_ids):
             timings = step.timings
-            ids += step.tokens[0]
-            text += decoder.feed_many(step.tokens[0])
-            if step.finished[0]:
-                text += decoder.flush()
-            hit = min((text.find(s) for s in stop if s and s in text), default=-1)
-            if hit >= 0:
-                text, reason = text[:hit], "stop_string"
-            done = step.finished[0] or hit >= 0
-            upto = len(text) if done else max(emitted, len(text) - holdback)
-            if upto > emitted:
-                yield text[emitted:upto]
-                emitted = upto
-            if done:
-                if hit < 0:
-                    reason = self._stop_reason(request, len(ids), max_new_tokens)
-                break
+            piece = row.add(step.tokens[0], step.finished[0])
+            if row.stopped:
+                step.finished[0] = True  # ends the engine's loop
+            if piece:
+                yield piece
         timings.image_s = image_s
-        self.last_result = GenerationResult(text, ids, request.tokens, timings, reason)
+        self.last_result = row.result(request, timings, self._stop_reason(request, len(row.ids), max_new_tokens))
+
+    def generate(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
+        """Run `stream` to the end and return text, token ids, prompt ids and timings."""
+        for _ in self.stream(prompt, images, **kwargs):
+            pass
+        return self.last_result
+
+    def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, *,
+                       max_new_tokens: int | Sequence[int] = 128, temperature: float = 0.8, top_k: int = 40,
+                       top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
+                       seed: int | None = None, stop: Sequence[str] = (), template: str | None = None,
+                       ) -> list[GenerationResult]:
+        """Several prompts (each with 0, 1 or more images) in one ragged batch.
+
+        All images of the batch go through the ViT in one call; the rows are left-padded to one bucketed
+        length and decoded together, each stopping on its own EOS / stop string / limit. With greedy
+        sampling each row's result equals running that row alone.
+        """
+        images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
+        if len(images) != len(prompts):
+            raise LlavaError(f"{len(prompts)} prompts but {len(images)} image lists")
+        limits = [max_new_tokens] * len(prompts) if isinstance(max_new_tokens, int) else list(max_new_tokens)
+        limits = [self.n_ctx if n < 0 else n for n in limits]
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
+        timings = Timings()
+        flat = self.embed_images([img for row in images for img in row], timings)
+        requests, start = [], 0
+        for prompt, row_images, limit in zip(prompts, images, limits, strict=True):
+            requests.append(self.request_from_embeds(prompt, flat[start:start + len(row_images)], template, limit))
+            start += len(row_images)
+        rows = [_RowText(self.tokenizer, stop) for _ in prompts]
+        image_s = timings.image_s
+        for step in self.engine.generate(requests, sampling, initial_key(sampling), self.n_ctx,
+                                         self.tokenizer.stop_ids):
+            timings = step.timings
+            for i, row in enumerate(rows):
+                row.add(step.tokens[i], step.finished[i])
+                if row.stopped:
+                    step.finished[i] = True
+        timings.image_s = image_s
+        return [row.result(req, timings, self._stop_reason(req, len(row.ids), req.max_new_tokens))
+                for row, req in zip(rows, requests, strict=True)]
 
     def _stop_reason(self, request: Request, n_generated: int, max_new_tokens: int) -> str:
         if n_generated >= max_new_tokens:
@@ -175,47 +228,119 @@ class Llava:
             return "context"
         return "eos"
 
-    def generate(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
-        """Run `stream` to the end and return text, token ids, prompt ids and timings."""
-        for _ in self.stream(prompt, images, **kwargs):
-            pass
-        return self.last_result
+    # ---- weight cache -------------------------------------------------------------------------------
+    def save_orbax(self, directory: str | os.PathLike) -> None:
+        """Write the dequantized, dtype-cast params (+ metadata) as an Orbax checkpoint; `load(directory)` restores it."""
+        from llava_jax import checkpoint
+
+        params = {"text": self.engine.params}
+        meta = {"text_metadata": self.metadata, "text_tensors": sorted(self.tensor_names),
+                "dtype": jnp.dtype(self.engine.dtype).name, "scan_layers": self.engine.model.scan_layers}
+        enc = self.image_encoder
+        if enc is not None:
+            params["vision"] = {"params": enc.params} | ({"newline": enc.newline} if enc.newline is not None else {})
+            meta["vision"] = {"metadata": enc.source_metadata, "tensor_shapes": enc.source_shapes, "name": enc.name,
+                              "f16_weights": sorted(enc.f16_weights), "compat": enc.compat}
+        checkpoint.save(directory, params, meta)
+
+
+class _RowText:
+    """Host-side text of one generated row: streaming detokenization and stop strings."""
+
+    def __init__(self, tokenizer: Tokenizer, stop: Sequence[str]):
+        self.decoder = StreamDecoder(tokenizer)
+        self.stop = [s for s in stop if s]
+        self.holdback = max((len(s) for s in self.stop), default=1) - 1
+        self.ids: list[int] = []
+        self.text = ""
+        self.emitted = 0
+        self.stopped = False  # a stop string was found
+
+    def add(self, ids: list[int], finished: bool) -> str:
+        """Take new ids; return the text that is now safe to show (held back: a possible stop-string prefix)."""
+        if self.stopped:
+            return ""
+        self.ids += ids
+        self.text += self.decoder.feed_many(ids)
+        if finished:
+            self.text += self.decoder.flush()
+        hits = [self.text.find(s) for s in self.stop if s in self.text]
+        if hits:
+            self.text, self.stopped = self.text[: min(hits)], True
+        done = finished or self.stopped
+        upto = len(self.text) if done else max(self.emitted, len(self.text) - self.holdback)
+        piece, self.emitted = self.text[self.emitted:upto], max(self.emitted, upto)
+        return piece
+
+    def result(self, request: Request, timings: Timings, reason: str) -> GenerationResult:
+        return GenerationResult(self.text, self.ids, request.tokens, timings, "stop_string" if self.stopped else reason)
 
 
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, dtype=None, mesh=None,
          n_ctx: int | None = None, scan_layers: bool | None = None, clip_compat: str = "llava") -> Llava:
     """Load a GGUF language model (default: the embedded SmolLM2) and optionally an mmproj file.
 
+    model: a GGUF file, or a directory written by `Llava.save_orbax` (restored straight into the mesh's
+        shardings; its dtype, layer layout and image encoder come from the checkpoint).
     dtype: compute dtype ("f32", "bf16", "f16" or a jnp dtype; default f32 on CPU, bf16 on GPU/TPU).
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") (default: one device).
     n_ctx: context length (default min(4096, the model's); 0 = the model's).
     scan_layers: scan over stacked layers (default: unrolled on CPU, scanned elsewhere).
+    clip_compat: "llava" (LLaVA's own image semantics) or "llama.cpp" (its mtmd graph).
     """
+    from llava_jax import checkpoint
     from llava_jax.defaults import smollm2_path
 
     t0 = time.perf_counter()
+    mesh = mesh if mesh is not None else make_mesh()
     path = os.fspath(model) if model is not None else os.fspath(smollm2_path())
-    gguf = open_gguf(path)
-    cfg = TextConfig.from_metadata(gguf.metadata, set(gguf.tensors), gguf.name)
-    tokenizer = Tokenizer.from_metadata(gguf.metadata)
+    if checkpoint.is_checkpoint(path):
+        params, meta = checkpoint.restore(path, mesh)
+        metadata, tensor_names = meta["text_metadata"], set(meta["text_tensors"])
+        compute, scan_layers = jnp.dtype(meta["dtype"]), meta["scan_layers"]
+    else:
+        gguf = open_gguf(path)
+        metadata, tensor_names = gguf.metadata, set(gguf.tensors)
+        compute = resolve_dtype(dtype)
+    name = os.path.basename(path.rstrip("/"))
+    cfg = TextConfig.from_metadata(metadata, tensor_names, name)
+    tokenizer = Tokenizer.from_metadata(metadata)
     if tokenizer.vocab_size != cfg.vocab_size:
-        raise LlavaError(f"{gguf.name}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.vocab_size}")
+        raise LlavaError(f"{name}: tokenizer has {tokenizer.vocab_size} tokens, the model {cfg.vocab_size}")
     if n_ctx is None:
         n_ctx = min(DEFAULT_CTX, cfg.context_length)
     elif n_ctx == 0:
         n_ctx = cfg.context_length
     if n_ctx < 1:
         raise LlavaError(f"context length must be positive, got {n_ctx}")
-    mesh = mesh if mesh is not None else make_mesh()
-    compute = resolve_dtype(dtype)
     if scan_layers is None:
         scan_layers = jax.default_backend() != "cpu"
+
     image_encoder = None
+    if checkpoint.is_checkpoint(path):
+        if "vision" in meta and mmproj is None:
+            image_encoder = _encoder_from_checkpoint(params["vision"], meta["vision"], mesh, compute)
+        text_params = params["text"]
+    else:
+        text_params = None
     if mmproj is not None:
         from llava_jax.vision import ImageEncoder
 
         image_encoder = ImageEncoder.from_gguf(mmproj, mesh=mesh, dtype=compute, compat=clip_compat, text_dim=cfg.dim)
-    params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers)
-    jax.block_until_ready(params)
-    engine = TextEngine(cfg, params, mesh, compute, scan_layers)
-    return Llava(path, gguf.metadata, tokenizer, engine, n_ctx, image_encoder, time.perf_counter() - t0)
+    if text_params is None:
+        text_params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers)
+    jax.block_until_ready(text_params)
+    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers)
+    return Llava(path, metadata, tensor_names, tokenizer, engine, n_ctx, image_encoder, time.perf_counter() - t0)
+
+
+def _encoder_from_checkpoint(params: dict, meta: dict, mesh, dtype):
+    from llava_jax.config import VisionConfig
+    from llava_jax.mmproj import MMProj
+    from llava_jax.vision import ImageEncoder
+
+    shapes = {k: tuple(v) for k, v in meta["tensor_shapes"].items()}
+    cfg = VisionConfig.from_metadata(meta["metadata"], shapes, meta["name"])
+    mmproj = MMProj(cfg, params["params"], params.get("newline"), frozenset(meta["f16_weights"]), meta["name"],
+                    meta["metadata"], shapes)
+    return ImageEncoder(mmproj, meta["compat"], dtype, mesh)

@@ -20,6 +20,7 @@ from llava_jax.errors import LlavaError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_jax.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", action="append", default=[], help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
     p.add_argument("-m", "--model", help="language model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--mmproj", help="mmproj GGUF (CLIP vision tower + projector); --default-mmproj uses the embedded random one")
     p.add_argument("--default-mmproj", action="store_true",
@@ -66,7 +67,9 @@ def _print_timings(res, load_s: float) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from llava_jax.cli_config import parse_with_config
+
+    args = parse_with_config(build_parser(), argv, sections=("model", "generation", "mesh"))
     try:
         return _run(args)
     except LlavaError as e:

@@ -189,12 +189,15 @@ class PositionEmbedding(nn.Module):
 
 
 class VisionTower(nn.Module):
-    """Pixels `[N, 3, S, S]` → selected CLIP features `[N, n_patches, D × n_feature_layers]` (f32)."""
+    """Pixels `[N, 3, S, S]` → selected CLIP features `[N, n_patches, D × n_feature_layers]` (f32).
+
+    `unroll`: blocks per scan iteration (1 = a rolled loop; `True` = fully unrolled, same params)."""
 
     cfg: VisionConfig
     dtype: jnp.dtype = jnp.float32
     compat: str = "llava"
     rounding: Fp16Rounding | None = None
+    unroll: int | bool = 1
 
     @nn.compact
     def __call__(self, pixels: Array) -> Array:
@@ -214,7 +217,8 @@ class VisionTower(nn.Module):
         states = {0: x}
         if n_run > 0:
             collect = any(0 < i < n_run for i in keep)
-            scan = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=n_run)
+            scan = nn.scan(VisionBlock, variable_axes={"params": 0}, split_rngs={"params": True}, length=n_run,
+                           unroll=self.unroll)
             x, ys = scan(cfg, self.dtype, self.compat, self.rounding, collect, name="blk")(x, None)
             states |= {i: ys[i - 1] for i in keep if 0 < i < n_run}
             states[n_run] = x
@@ -258,10 +262,11 @@ class ImageModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     compat: str = "llava"
     rounding: Fp16Rounding | None = None
+    unroll: int | bool = 1
 
     @nn.compact
     def __call__(self, pixels: Array) -> Array:
-        feats = VisionTower(self.cfg, self.dtype, self.compat, self.rounding, name="v")(pixels)
+        feats = VisionTower(self.cfg, self.dtype, self.compat, self.rounding, self.unroll, name="v")(pixels)
         return Projector(self.cfg, self.dtype, self.compat, self.rounding, name="mm")(feats)
 
 

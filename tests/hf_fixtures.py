@@ -9,7 +9,8 @@ Builders (plain functions, usable outside pytest) write a `save_pretrained` dire
   config-only CLIP directory (the weights are inside the checkpoint; the tiny tower's head count is not
   in the LLaVA config, so `--clip` supplies it).
 
-Session-scoped pytest fixtures (import them into a test module, or list this module in `pytest_plugins`):
+Session-scoped pytest fixtures (`from hf_fixtures import *  # noqa: F403` in a test module, or
+`pytest_plugins = ["hf_fixtures"]` in tests/conftest.py; either way each model is built once per run):
 `hf_llava15_dir`, `hf_llava16_dir`, `hf_llava15_bpe_dir` (→ Path), `orig_llava15_dirs`, `orig_llava16_dirs`
 (→ (model_dir, clip_dir)).
 
@@ -221,8 +222,7 @@ def redraw_weights(model, seed: int = SEED) -> None:
 
 def _build(out_dir: Path, kind: str, tokenizer: str, tie_word_embeddings: bool, seed: int) -> Path:
     import torch
-    from transformers import (LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig,
-                              LlavaNextForConditionalGeneration)
+    from transformers import LlavaConfig, LlavaForConditionalGeneration, LlavaNextConfig, LlavaNextForConditionalGeneration
     from transformers.models.llava.image_processing_pil_llava import LlavaImageProcessorPil
     from transformers.models.llava_next.image_processing_pil_llava_next import LlavaNextImageProcessorPil
 
@@ -441,7 +441,18 @@ def _save_bin_shards(state: dict[str, np.ndarray], out: Path, n_shards: int, tor
     (out / "pytorch_model.bin.index.json").write_text(json.dumps(index, indent=2))
 
 
-# ---- pytest fixtures (session-scoped: each model is built once per run) ---------------------------------------
+# ---- pytest fixtures (session-scoped; built once per pytest run even when several modules import them) --------
+
+_BUILT: dict[tuple[str, str], object] = {}
+
+
+def _once(tmp_path_factory, key: str, build):
+    """Build at most once per pytest base temp dir, whichever module's fixture asks first."""
+    k = (str(tmp_path_factory.getbasetemp()), key)
+    if k not in _BUILT:
+        _BUILT[k] = build(tmp_path_factory.mktemp(key))
+    return _BUILT[k]
+
 
 try:
     import pytest
@@ -453,25 +464,32 @@ if pytest is not None:
     @pytest.fixture(scope="session")
     def hf_llava15_dir(tmp_path_factory) -> Path:
         """Tiny llava-hf LLaVA-1.5 checkpoint (SentencePiece vocab)."""
-        return build_llava15(tmp_path_factory.mktemp("hf_llava15"))
+        return _once(tmp_path_factory, "hf_llava15", build_llava15)
 
     @pytest.fixture(scope="session")
     def hf_llava16_dir(tmp_path_factory) -> Path:
         """Tiny llava-hf LLaVA-1.6 (LLaVA-NeXT) checkpoint (SentencePiece vocab)."""
-        return build_llava16(tmp_path_factory.mktemp("hf_llava16"))
+        return _once(tmp_path_factory, "hf_llava16", build_llava16)
 
     @pytest.fixture(scope="session")
     def hf_llava15_bpe_dir(tmp_path_factory) -> Path:
         """Tiny llava-hf LLaVA-1.5 checkpoint with a Llama-3-style byte-level BPE vocab (tokenizer.json)."""
-        return build_llava15(tmp_path_factory.mktemp("hf_llava15_bpe"), tokenizer="bpe")
+        return _once(tmp_path_factory, "hf_llava15_bpe", lambda d: build_llava15(d, tokenizer="bpe"))
 
     @pytest.fixture(scope="session")
     def orig_llava15_dirs(hf_llava15_dir, tmp_path_factory) -> tuple[Path, Path]:
         """(model_dir, clip_dir): `hf_llava15_dir`'s weights in the original LLaVA-1.5 layout + a CLIP dir."""
-        return to_original_layout(hf_llava15_dir, tmp_path_factory.mktemp("orig_llava15"))
+        return _once(tmp_path_factory, "orig_llava15", lambda d: to_original_layout(hf_llava15_dir, d))
 
     @pytest.fixture(scope="session")
     def orig_llava16_dirs(hf_llava16_dir, tmp_path_factory) -> tuple[Path, Path]:
         """(model_dir, clip_dir): `hf_llava16_dir`'s weights in the original LLaVA-1.6 layout (tower inside)
         + a config-only CLIP dir."""
-        return to_original_layout(hf_llava16_dir, tmp_path_factory.mktemp("orig_llava16"))
+        return _once(tmp_path_factory, "orig_llava16", lambda d: to_original_layout(hf_llava16_dir, d))
+
+
+__all__ = [
+    "IMAGE_TOKEN_ID", "PAD_TOKEN_ID", "PINPOINTS", "SPM_PIECES", "VOCAB_SIZE", "build_llava15", "build_llava16",
+    "hf_llava15_bpe_dir", "hf_llava15_dir", "hf_llava16_dir", "orig_llava15_dirs", "orig_llava16_dirs",
+    "to_original_layout", "write_bpe_tokenizer", "write_spm_tokenizer",
+]

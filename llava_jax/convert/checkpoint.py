@@ -101,43 +101,55 @@ def _one_line(e: BaseException) -> str:
 
 
 class Checkpoint:
-    """All tensors of a model directory. `shapes`: name → shape; `get(name)` → float32 ndarray."""
+    """All tensors of a model directory: `name in ckpt`, `shape(name)`, `get(name)` → float32 ndarray.
+
+    With a shard index the tensor names come from its `weight_map` and a shard is opened only when one of
+    its tensors is first asked for (so `.bin` shards, and torch, are only touched when needed); every shard
+    the index names must exist.
+    """
 
     def __init__(self, directory: str | os.PathLike[str]):
         self.dir = Path(directory)
         self._files: dict[str, SafetensorsFile | TorchBinFile] = {}
         self._where: dict[str, str] = {}
-        names = self._shard_names()
-        for fname in names:
-            path = self.dir / fname
-            if not path.is_file():
-                raise LlavaError(f"missing shard {fname} in {self.dir} (listed in its index)")
-        for fname in names:
-            path = self.dir / fname
-            f = SafetensorsFile(path) if fname.endswith(".safetensors") else TorchBinFile(path)
-            self._files[fname] = f
-            for tname in f.shapes:
+        weight_map = self._index()
+        if weight_map is not None:
+            for fname in sorted(set(weight_map.values())):
+                if not (self.dir / fname).is_file():
+                    raise LlavaError(f"missing shard {fname} in {self.dir} (listed in its index)")
+            self._where = dict(weight_map)
+            return
+        for fname in self._files_without_index():
+            for tname in self._open(fname).shapes:
                 self._where.setdefault(tname, fname)
-        self.shapes = {name: self._files[f].shapes[name] for name, f in self._where.items()}
 
-    def _shard_names(self) -> list[str]:
-        d = self.dir
-        for index_name, single in (("model.safetensors.index.json", "model.safetensors"),
-                                   ("pytorch_model.bin.index.json", "pytorch_model.bin")):
-            index = d / index_name
+    def _index(self) -> dict[str, str] | None:
+        for name in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+            index = self.dir / name
             if index.is_file():
                 try:
                     weight_map = json.loads(index.read_text())["weight_map"]
-                except (ValueError, KeyError) as e:
+                except (ValueError, KeyError, TypeError) as e:
                     raise LlavaError(f"cannot read shard index {index}: {_one_line(e)}") from None
-                return sorted(set(weight_map.values()))
+                return {str(k): str(v) for k, v in weight_map.items()}
+        return None
+
+    def _files_without_index(self) -> list[str]:
+        d = self.dir
+        for single in ("model.safetensors", "pytorch_model.bin"):
             if (d / single).is_file():
                 return [single]
-        found = sorted(p.name for p in d.glob("*.safetensors")) or sorted(p.name for p in d.glob("*.bin")
-                                                                          if p.name != "training_args.bin")
+        found = sorted(p.name for p in d.glob("*.safetensors")) or sorted(
+            p.name for p in d.glob("*.bin") if p.name != "training_args.bin")
         if not found:
             raise LlavaError(f"no weights in {d}: expected model.safetensors, model-*.safetensors or pytorch_model*.bin")
         return found
+
+    def _open(self, fname: str) -> SafetensorsFile | TorchBinFile:
+        if fname not in self._files:
+            path = self.dir / fname
+            self._files[fname] = SafetensorsFile(path) if fname.endswith(".safetensors") else TorchBinFile(path)
+        return self._files[fname]
 
     def __contains__(self, name: str) -> bool:
         return name in self._where
@@ -145,7 +157,16 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self._where)
 
-    def get(self, name: str) -> np.ndarray:
+    def _file_of(self, name: str) -> SafetensorsFile | TorchBinFile:
         if name not in self._where:
-            raise LlavaError(f"tensor {name} not found in {self.dir}")
-        return self._files[self._where[name]].get(name)
+            raise LlavaError(f"missing tensor {name} in {self.dir}")
+        f = self._open(self._where[name])
+        if name not in f.shapes:
+            raise LlavaError(f"missing tensor {name} in shard {f.path.name} (its index lists it there)")
+        return f
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file_of(name).shapes[name])
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file_of(name).get(name)

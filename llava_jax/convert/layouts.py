@@ -51,9 +51,11 @@ _TEXT_DEFAULTS = {
 }
 # vision towers named by `mm_vision_tower` whose hyperparameters we know without their directory
 _KNOWN_TOWERS = {
-    "openai/clip-vit-large-patch14-336": {"num_attention_heads": 16, "layer_norm_eps": 1e-5,
+    "openai/clip-vit-large-patch14-336": {"hidden_size": 1024, "num_hidden_layers": 24, "image_size": 336,
+                                          "num_attention_heads": 16, "layer_norm_eps": 1e-5,
                                           "hidden_act": "quick_gelu", "projection_dim": 768},
-    "openai/clip-vit-large-patch14": {"num_attention_heads": 16, "layer_norm_eps": 1e-5,
+    "openai/clip-vit-large-patch14": {"hidden_size": 1024, "num_hidden_layers": 24, "image_size": 224,
+                                      "num_attention_heads": 16, "layer_norm_eps": 1e-5,
                                       "hidden_act": "quick_gelu", "projection_dim": 768},
 }
 _ORIGINAL_ARCHS = ("LlavaLlamaForCausalLM", "LlavaMistralForCausalLM")
@@ -125,7 +127,7 @@ class Layout:
     def _find(self, ckpt: Checkpoint, candidates: list[str], what: str) -> tuple[tuple[int, ...], Getter]:
         for name in candidates:
             if name in ckpt:
-                return ckpt.shapes[name], (lambda n=name: ckpt.get(n))
+                return ckpt.shape(name), (lambda n=name: ckpt.get(n))
         raise LlavaError(f"missing tensor {what} in {ckpt.dir} (looked for {', '.join(candidates[:3])})")
 
     def text_tensor(self, name: str) -> tuple[tuple[int, ...], Getter]:
@@ -283,6 +285,13 @@ def _original_layout(model_dir: Path, config: dict, clip_dir, text_only: bool) -
     mean, std = _mean_std([model_dir] + ([found] if found else []))
     layout.vision = _vision_params(layout, clip_cfg, config.get("mm_vision_select_layer", -2), mean, std,
                                    pinpoints, merge)
+    if found is None:  # hyperparameters from the table of known towers: the weights must be that tower
+        v = layout.vision
+        if (v.hidden_size, v.n_layers, v.image_size) != tuple(clip_cfg[k] for k in ("hidden_size",
+                                                                                   "num_hidden_layers",
+                                                                                   "image_size")):
+            raise LlavaError(f"the vision tower in the checkpoint is not {tower_name} (width {v.hidden_size}, "
+                             f"{v.n_layers} layers): pass its local CLIP directory with --clip")
     return layout
 
 

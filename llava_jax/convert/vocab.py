@@ -8,7 +8,7 @@ of `tokenizer_config.json`'s `added_tokens_decoder` (control when `special`, els
 pre-tokenizer's split regex (Llama-3 → `llama-bpe`, plain GPT-2 → `gpt2`). Either way the list is padded
 to the model's vocabulary size with unused `[PAD<id>]` tokens.
 
-Special ids come from the token strings in `tokenizer_config.json` (`bos_token`, ...), else from the ids in
+Special ids come from the token strings in `tokenizer_config.json` / `special_tokens_map.json`, else from the ids in
 `config.json`; the add-BOS/EOS flags from `tokenizer_config.json`, else (BPE) from the post-processor's
 template, else SentencePiece's default (BOS yes, EOS no). The chat template from `tokenizer_config.json`,
 `chat_template.jinja` or `chat_template.json`.
@@ -87,6 +87,10 @@ def load_vocab(model_dir: str | Path, vocab_size: int, config_ids: dict[str, int
     """Read the tokenizer files of `model_dir` into a `Vocab` of exactly `vocab_size` tokens."""
     d = Path(model_dir)
     tok_cfg = _read_json(d / "tokenizer_config.json") if (d / "tokenizer_config.json").is_file() else {}
+    if (d / "special_tokens_map.json").is_file():  # older checkpoints name some special tokens only there
+        for key, value in _read_json(d / "special_tokens_map.json").items():
+            if tok_cfg.get(key) is None:
+                tok_cfg[key] = value
     if (d / "tokenizer.model").is_file():
         vocab = _sentencepiece(d, vocab_size, tok_cfg)
     elif (d / "tokenizer.json").is_file():

@@ -1,0 +1,71 @@
+"""Orbax weight cache: the dequantized, dtype-cast params (+ the GGUF metadata they came from).
+
+`save(dir, params, meta)` writes an Orbax checkpoint of the params pytree and `meta.json` (GGUF
+metadata and tensor names of the language model and, if loaded, the mmproj), so configs and the
+tokenizer are rebuilt by the same `from_metadata` code as from GGUF. `restore(dir, mesh)` restores
+every leaf straight into the sharding the partition table gives it on `mesh` — no host copy of the
+model, no dequantization.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import orbax.checkpoint as ocp
+
+from llava_jax.errors import LlavaError
+from llava_jax.sharding import ShardingRules, sharding_for, text_param_axes
+
+META_FILE = "meta.json"
+PARAMS_DIR = "params"
+
+
+def is_checkpoint(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return p.is_dir() and (p / META_FILE).exists() and (p / PARAMS_DIR).exists()
+
+
+def leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
+    """Logical axes of a params leaf from its pytree path (text leaves by GGUF kind; vision replicated)."""
+    if path[0] == "text":
+        kind = path[-2] if path[-1] in ("weight", "bias") else path[-1]
+        axes = text_param_axes(f"{kind}.weight")
+        return (None,) * (ndim - len(axes)) + axes  # scanned blocks carry a leading layer axis
+    return ("vision",) * ndim
+
+
+def _key_names(path) -> tuple[str, ...]:
+    return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def save(directory: str | os.PathLike, params: dict, meta: dict) -> Path:
+    """Write params (a pytree of jax.Arrays: {"text": ..., "vision": ...}) and meta to `directory`."""
+    directory = Path(directory).absolute()
+    directory.mkdir(parents=True, exist_ok=True)
+    ckpt = ocp.StandardCheckpointer()
+    ckpt.save(directory / PARAMS_DIR, params, force=True)
+    ckpt.wait_until_finished()
+    (directory / META_FILE).write_text(json.dumps(meta))
+    return directory
+
+
+def restore(directory: str | os.PathLike, mesh, rules: ShardingRules = ShardingRules()) -> tuple[dict, dict]:
+    """→ (params placed on `mesh` per the partition table, meta)."""
+    directory = Path(directory).absolute()
+    if not is_checkpoint(directory):
+        raise LlavaError(f"not a llava_jax Orbax checkpoint (no {META_FILE} / {PARAMS_DIR}): {directory}")
+    meta = json.loads((directory / META_FILE).read_text())
+    ckpt = ocp.StandardCheckpointer()
+    stored = ckpt.metadata(directory / PARAMS_DIR)
+    tree = getattr(stored, "item_metadata", stored)
+    tree = getattr(tree, "tree", tree)
+
+    def target(path, leaf):
+        axes = leaf_axes(_key_names(path), len(leaf.shape))
+        return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape, axes, mesh, rules))
+
+    abstract = jax.tree_util.tree_map_with_path(target, tree)
+    return ckpt.restore(directory / PARAMS_DIR, abstract), meta

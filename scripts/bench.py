@@ -1,0 +1,276 @@
+"""Benchmark llava_jax (and optionally llama.cpp) on a GGUF model; prints one JSON object.
+
+    python scripts/bench.py                                     # llava_jax on the embedded SmolLM2 Q4_1
+    python scripts/bench.py --llama-cpp                         # + llama.cpp on the same prompt, ratios
+    python scripts/bench.py --llama-cpp --f32-rewrite ~/.cache/llava_jax/SmolLM2-135M-Instruct.F32.gguf
+                                                                # + the same on the model's F32 rewrite
+
+Measured per model and engine (`--mode text`):
+- load_s: model file (in the page cache) → weights ready to run.
+- prefill: one `--prompt-tokens` (512) prompt, tokens/s. llava_jax: the jitted prefill + first-token
+  sampling (as `Timings.prompt_s`); llama.cpp: `Llama.eval` of the prompt in one n_batch=512 batch.
+- decode: `--gen-tokens` (128) greedy tokens after the prompt, EOS ignored, tokens/s. llava_jax: the
+  scan decode chunks (sampling on device, one host sync per chunk); llama.cpp: eval one token +
+  argmax of its logits, per token.
+Warm numbers: compilation and the first run of each executable are excluded and reported apart
+(`compile_s`, `first_run`); each figure is the best of `--repeats` runs (the machine is shared, so
+the minimum time is the least disturbed one; the median is reported too). The system load average
+is recorded before and after.
+
+llama.cpp runs through `llama-cpp-python` with 2 threads, an f32 KV cache, no flash attention, and
+model params `use_extra_bufts=False` (its repacked AMX CPU buffers crash on Q4_1 in these VMs) — the
+settings the references in ../shared/reference were made with.
+
+`--mode image` / `--mode batch` are placeholders for the image-encode and batch-throughput
+benchmarks (issues 3 and 5): add a `bench_image` / `bench_batch` next to `bench_text` below.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+# The filler text the prompt is cut from (tokenized, repeated, truncated to --prompt-tokens ids).
+FILLER = (
+    "The history of computing is a story of layers. Early machines were programmed by rewiring panels; "
+    "then came stored programs, assemblers, compilers, operating systems and networks. Each layer hid "
+    "the one below it and let people think in larger pieces. Today a language model runs on top of a "
+    "tensor compiler, which runs on top of vector instructions, caches and memory buses. Understanding "
+    "where the time goes means looking through those layers again, one at a time. "
+)
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def load_average() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def machine_info() -> dict:
+    cpu = "unknown"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
+    except OSError:
+        mem_kb = 0
+    import jax
+
+    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
+            "jax": jax.__version__, "backend": jax.default_backend()}
+
+
+def summarize(seconds: list[float], n_tokens: int) -> dict:
+    best = min(seconds)
+    return {"tokens": n_tokens, "best_s": round(best, 4), "median_s": round(statistics.median(seconds), 4),
+            "tps": round(n_tokens / best, 2), "median_tps": round(n_tokens / statistics.median(seconds), 2),
+            "runs_s": [round(s, 4) for s in seconds]}
+
+
+def make_prompt(tokenize, n_tokens: int) -> list[int]:
+    ids: list[int] = []
+    while len(ids) < n_tokens:
+        ids += tokenize(FILLER)
+    return ids[:n_tokens]
+
+
+# ---- llava_jax ------------------------------------------------------------------------------------
+def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int) -> dict:
+    import jax
+
+    import llava_jax
+    from llava_jax.generate import Request
+    from llava_jax.sampling import SamplingParams, initial_key
+
+    llm = llava_jax.load(model, n_ctx=len(prompt) + n_gen + 64)
+    engine = llm.engine
+    greedy = SamplingParams(temperature=0.0)
+
+    def run_once() -> tuple[float, float, int, float, list[int]]:
+        """(prefill s, decode s, decode tokens, compile s, ids): one generation, EOS ignored."""
+        # 1 token from the prefill, then n_gen from decode chunks (a multiple of the chunk).
+        request = Request(list(prompt), None, 1 + n_gen)
+        steps = engine.generate([request], greedy, initial_key(greedy), llm.n_ctx, stop_ids=frozenset())
+        first = next(steps)
+        prefill_s = first.timings.prompt_s
+        ids = list(first.tokens[0])
+        t0 = time.perf_counter()
+        for step in steps:
+            ids += step.tokens[0]
+        decode_wall = time.perf_counter() - t0
+        t = first.timings
+        decode_s = t.generate_s if t.generate_s else decode_wall
+        return prefill_s, decode_s, len(ids) - 1, t.compile_s, ids
+
+    # Run 1 compiles (AOT, timed apart) and pays each executable's first-execution cost; run 2 is warm.
+    p0, d0, n0, compile_s, ids = run_once()
+    p1, d1, _, _, _ = run_once()
+    prefills, decodes = [p1], [d1]
+    for _ in range(repeats - 1):
+        p, d, n, _, _ = run_once()
+        prefills.append(p)
+        decodes.append(d)
+    out = {
+        "load_s": round(llm.load_s, 3),
+        "compile_s": round(compile_s, 3),
+        "first_run": {"prefill_s": round(p0, 4), "decode_s": round(d0, 4),
+                      "extra_s": round(p0 + d0 - min(prefills) - min(decodes), 3)},
+        "prefill": summarize(prefills, len(prompt)),
+        "decode": summarize(decodes, n0),
+        "dtype": str(engine.dtype), "scan_layers": engine.model.scan_layers, "chunk": engine.chunk,
+        "greedy_ids_head": ids[:16],
+    }
+    del llm, engine
+    gc.collect()
+    jax.clear_caches()
+    return out
+
+
+# ---- llama.cpp ------------------------------------------------------------------------------------
+def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, threads: int) -> dict:
+    import llama_cpp
+
+    # Repacked (AMX / extra) CPU buffers crash on Q4_1 in these VMs: turn them off for every load.
+    default_params = llama_cpp.llama_model_default_params
+
+    def no_extra_bufts():
+        params = default_params()
+        params.use_extra_bufts = False
+        return params
+
+    llama_cpp.llama_model_default_params = no_extra_bufts
+    try:
+        t0 = time.perf_counter()
+        llm = llama_cpp.Llama(model, n_ctx=len(prompt) + n_gen + 64, n_batch=512, n_ubatch=512, n_threads=threads,
+                              n_threads_batch=threads, type_k=0, type_v=0, flash_attn=False, verbose=False)
+        load_s = time.perf_counter() - t0
+    finally:
+        llama_cpp.llama_model_default_params = default_params
+    n_vocab = llm.n_vocab()
+
+    def last_logits() -> np.ndarray:
+        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+
+    def run_once() -> tuple[float, float, list[int]]:
+        llm.reset()
+        t0 = time.perf_counter()
+        llm.eval(prompt)
+        token = int(np.argmax(last_logits()))
+        prefill_s = time.perf_counter() - t0
+        ids = [token]
+        t0 = time.perf_counter()
+        for _ in range(n_gen):
+            llm.eval([token])
+            token = int(np.argmax(last_logits()))
+            ids.append(token)
+        return prefill_s, time.perf_counter() - t0, ids
+
+    p0, d0, ids = run_once()  # first run: graph allocation and warm-up, reported apart
+    prefills, decodes = [], []
+    for _ in range(repeats):
+        p, d, _ = run_once()
+        prefills.append(p)
+        decodes.append(d)
+    out = {
+        "load_s": round(load_s, 3),
+        "first_run": {"prefill_s": round(p0, 4), "decode_s": round(d0, 4),
+                      "extra_s": round(p0 + d0 - min(prefills) - min(decodes), 3)},
+        "prefill": summarize(prefills, len(prompt)),
+        "decode": summarize(decodes, n_gen),
+        "threads": threads, "greedy_ids_head": ids[:16],
+    }
+    llm.close()
+    del llm
+    gc.collect()
+    return out
+
+
+# ---- modes ----------------------------------------------------------------------------------------
+def bench_text(args, models: list[str]) -> list[dict]:
+    from llava_jax.tokenizer import Tokenizer
+
+    rows = []
+    for model in models:
+        prompt = make_prompt(lambda s: Tokenizer.from_gguf(model).encode(s), args.prompt_tokens)
+        log(f"== {Path(model).name}: prompt {len(prompt)} tokens, decode {args.gen_tokens}, load avg {load_average()}")
+        row: dict = {"model": str(model), "load_avg_before": load_average()}
+        row["llava_jax"] = bench_llava_jax(model, prompt, args.gen_tokens, args.repeats)
+        log(f"   llava_jax  {_line(row['llava_jax'])}")
+        if args.llama_cpp:
+            row["llama_cpp"] = bench_llama_cpp(model, prompt, args.gen_tokens, args.repeats, args.threads)
+            log(f"   llama.cpp  {_line(row['llama_cpp'])}")
+            jx, lc = row["llava_jax"], row["llama_cpp"]
+            row["ratio"] = {  # llava_jax / llama.cpp: > 1 means llava_jax is faster (load: < 1 is faster)
+                "prefill": round(jx["prefill"]["tps"] / lc["prefill"]["tps"], 3),
+                "decode": round(jx["decode"]["tps"] / lc["decode"]["tps"], 3),
+                "load": round(jx["load_s"] / lc["load_s"], 3),
+            }
+            log(f"   ratio llava_jax/llama.cpp: prefill {row['ratio']['prefill']:.2f}x, "
+                f"decode {row['ratio']['decode']:.2f}x, load time {row['ratio']['load']:.2f}x")
+        row["load_avg_after"] = load_average()
+        rows.append(row)
+    return rows
+
+
+def _line(r: dict) -> str:
+    return (f"load {r['load_s']:.2f} s | prefill {r['prefill']['tps']:.1f} tok/s (median {r['prefill']['median_tps']:.1f})"
+            f" | decode {r['decode']['tps']:.1f} tok/s (median {r['decode']['median_tps']:.1f})"
+            f" | first-run extra {r['first_run']['extra_s']:.2f} s" + (f" | compile {r['compile_s']:.2f} s"
+                                                                        if "compile_s" in r else ""))
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)")
+    ap.add_argument("--mode", choices=("text", "image", "batch"), default="text")
+    ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) and print ratios")
+    ap.add_argument("--f32-rewrite", metavar="PATH",
+                    help="write the F32 rewrite of the model to PATH (if absent) and benchmark it too")
+    ap.add_argument("--prompt-tokens", type=int, default=512)
+    ap.add_argument("--gen-tokens", type=int, default=128, help="decode tokens (a multiple of the decode chunk, 16)")
+    ap.add_argument("--repeats", type=int, default=3, help="warm runs per figure; the best is reported")
+    ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("-o", "--output", help="also write the JSON here")
+    args = ap.parse_args(argv)
+
+    from llava_jax.defaults import smollm2_path
+
+    models = [args.model or str(smollm2_path())]
+    if args.f32_rewrite:
+        from llava_jax.rewrite import write_f32_rewrite
+
+        target = Path(args.f32_rewrite).expanduser()
+        if not target.exists():
+            t0 = time.perf_counter()
+            write_f32_rewrite(models[0], target)
+            log(f"wrote the F32 rewrite of {Path(models[0]).name} to {target} in {time.perf_counter() - t0:.1f} s")
+        models.append(str(target))
+
+    result = {"mode": args.mode, "machine": machine_info(), "argv": sys.argv[1:],
+              "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
+    if args.mode == "text":
+        result["results"] = bench_text(args, models)
+    else:  # issue 3 (image encode) / issue 5 (batch throughput) add theirs here
+        raise SystemExit(f"--mode {args.mode} is not implemented yet (see issues 3 and 5)")
+    text = json.dumps(result, indent=1)
+    print(text)
+    if args.output:
+        Path(args.output).write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
