@@ -45,3 +45,17 @@ def smollm2_path() -> Path:
                     dst.write(chunk)
             partial.replace(target)
     return target
+
+
+def default_mmproj_path() -> Path:
+    """The project's deterministic random mmproj (LLaVA-1.6 layout, projector width 576 = SmolLM2's),
+    generated into the cache on first use. Its embeddings do not describe images: it exercises the
+    whole multimodal path on a real language model, nothing more."""
+    from llava_jax.random_mmproj import default_mmproj_path as generate
+
+    return generate()
+
+
+def sample_image_path() -> Path:
+    """A small drawing shipped with the package (red square, blue circle, green triangle)."""
+    return Path(__file__).parent / "assets" / "shapes.png"

@@ -33,7 +33,7 @@ from llava_jax.text import Decoder, KVCache
 IMAGE_PLACEHOLDER = -1  # token id marking an image-embedding row in a prompt
 
 
-def bucket(n: int, minimum: int = 32, linear_from: int = 1024) -> int:
+def bucket(n: int, minimum: int = 32, linear_from: int = 512) -> int:
     """Round n up to a power of two (>= minimum), or to a multiple of linear_from above it."""
     if n <= minimum:
         return minimum

@@ -138,7 +138,7 @@ class GGUFFile:
             raise LlavaError(f"unsupported GGUF version {self.version} (big-endian or corrupt?): {self.path}")
         try:
             self.metadata, infos, data_start = self._parse_header()
-        except ValueError as e:
+        except (ValueError, struct.error) as e:  # struct.error: an absurd array length
             raise LlavaError(f"cannot read GGUF file {self.path}: {_one_line(e)}") from None
         self.tensors = self._map_tensors(infos, data_start)
 
@@ -171,7 +171,7 @@ class GGUFFile:
             if shape[-1] % block:
                 raise LlavaError(f"tensor {tname}: last dim {shape[-1]} is not a multiple of the {qtype.name} block size {block}")
             row_bytes = shape[-1] // block * type_size
-            n_bytes = int(np.prod(shape[:-1], dtype=np.int64)) * row_bytes
+            n_bytes = int(np.prod(shape[:-1], dtype=object)) * row_bytes  # Python ints: corrupt dims must not wrap
             start = data_start + offset
             if start + n_bytes > self._map.size:
                 raise LlavaError(f"tensor {tname}: data runs past the end of the file (truncated?): {self.path}")

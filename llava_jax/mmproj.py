@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from functools import cache
 
 import jax
 import jax.numpy as jnp
@@ -38,6 +39,9 @@ class MMProj:
 
     f16_weights: module-relative names ("patch_embd", "blk.attn_q", "mm.0", ...) of matmul weights stored
     as F16 in the file (llama.cpp rounds the other operand of those dot products to f16).
+    metadata / tensor_shapes: the file's metadata and name → shape, enough to rebuild `cfg` with
+    `VisionConfig.from_metadata` (e.g. after restoring params from a checkpoint).
+    compat: the graph the params were loaded for (it decides how many blocks were loaded); None = unknown.
     """
 
     cfg: VisionConfig
@@ -45,6 +49,9 @@ class MMProj:
     newline: jax.Array | None
     f16_weights: frozenset[str]
     name: str
+    metadata: dict
+    tensor_shapes: dict[str, tuple[int, ...]]
+    compat: str | None = None
 
 
 def read_vision_config(gguf: GGUFFile) -> VisionConfig:
@@ -112,14 +119,19 @@ def load_mmproj(path: str | os.PathLike[str], mesh=None, dtype=jnp.float32, comp
         if idx in ("0", "2", "3") and gguf.tensors[f"mm.{idx}.weight"].qtype == GGMLQuantizationType.F16:
             f16.add(f"mm.{idx}")
     newline = place(newline_name(gguf)) if cfg.has_newline else None
-    return MMProj(cfg, {"v": v, "mm": mm}, newline, frozenset(f16), gguf.name)
+    shapes = {n: tuple(t.shape) for n, t in gguf.tensors.items()}
+    return MMProj(cfg, {"v": v, "mm": mm}, newline, frozenset(f16), gguf.name, dict(gguf.metadata), shapes, compat)
 
 
 def _stack(leaves: list[jax.Array], mesh, rules: ShardingRules) -> jax.Array:
     """Per-layer arrays → one array with a leading layer axis, replicated like the leaves."""
     shape = (len(leaves), *leaves[0].shape)
-    out = sharding_for(shape, ("vision",) * len(shape), mesh, rules)
-    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out)(*leaves)
+    return _stacker(sharding_for(shape, ("vision",) * len(shape), mesh, rules))(*leaves)
+
+
+@cache
+def _stacker(out_sharding):
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_sharding)
 
 
 def check_text_width(mmproj_name: str, out_dim: int, text_dim: int) -> None:

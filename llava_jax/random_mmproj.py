@@ -22,6 +22,7 @@ from typing import Any
 import gguf
 import numpy as np
 
+from llava_jax.defaults import cache_dir
 from llava_jax.errors import LlavaError
 
 STANDARD_PINPOINTS = ((336, 672), (672, 336), (672, 672), (1008, 336), (336, 1008))  # (w, h)
@@ -166,8 +167,6 @@ def write_random_mmproj(path: str | os.PathLike[str], spec: RandomMMProjSpec = P
 
 def default_mmproj_path() -> Path:
     """The embedded default mmproj (preset "default"), generated into the cache on first use."""
-    from llava_jax.defaults import cache_dir
-
     spec = PRESETS["default"]
     target = cache_dir() / f"{spec.name}-seed{spec.seed}.gguf"
     if not target.exists():

@@ -20,7 +20,8 @@ from llava_jax.errors import LlavaError
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m llava_jax.run", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", action="append", default=[], help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
+    p.add_argument("--config", action="append", default=[], 
+                   help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
     p.add_argument("-m", "--model", help="language model GGUF (default: the embedded SmolLM2-135M-Instruct Q4_1)")
     p.add_argument("--mmproj", help="mmproj GGUF (CLIP vision tower + projector); --default-mmproj uses the embedded random one")
     p.add_argument("--default-mmproj", action="store_true",
@@ -110,7 +111,7 @@ def _run(args) -> int:
                          n_ctx=args.ctx_size, scan_layers=scan, clip_compat=args.clip_compat)
     images = []
     if args.image:
-        from llava_jax.vision import load_image
+        from llava_jax.images import load_image
 
         images = [load_image(p) for p in args.image]
     kwargs = dict(max_new_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,

@@ -18,7 +18,8 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", default=[], help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
+    p.add_argument("--config", action="append", default=[], 
+                   help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
     p.add_argument("--model", help="language model GGUF or Orbax weight-cache directory (default: embedded SmolLM2)")
     p.add_argument("--mmproj", help="mmproj GGUF")
     p.add_argument("--default-mmproj", action="store_true", help="the project's random mmproj (answers are not meaningful)")

@@ -198,3 +198,18 @@ def test_vision_config_is_hashable_and_rejects_text_files():
     assert hash(cfg) == hash(replace(cfg))
     with pytest.raises(LlavaError, match="language model"):
         VisionConfig.from_metadata({"general.architecture": "llama"}, {}, "m.gguf")
+
+
+def test_default_random_mmproj(tmp_path, monkeypatch):
+    from llava_jax.random_mmproj import default_mmproj_path
+
+    monkeypatch.setenv("LLAVA_JAX_CACHE", str(tmp_path))
+    path = default_mmproj_path()
+    assert path.parent == tmp_path and default_mmproj_path() == path
+    first = path.read_bytes()
+    path.unlink()
+    assert default_mmproj_path().read_bytes() == first  # deterministic
+    enc = ImageEncoder.from_gguf(path, text_dim=576)
+    assert enc.cfg.is_anyres and enc.cfg.patch_merge == "spatial_unpad"
+    # 200×150 ties between 336×672 and 672×336; the first pinpoint, (w, h) = (336, 672), wins: 1×2 tiles
+    assert enc.n_tokens((640, 488)) == 2340 and enc.n_tokens((200, 150)) == 1026

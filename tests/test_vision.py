@@ -18,7 +18,9 @@ from llava_jax.random_mmproj import PRESETS, RandomMMProjSpec, random_mmproj_ten
 from llava_jax.vision import ImageEncoder, ImageModel, pack_image_features
 
 REF_IMAGES = ("photo_640x488", "shapes_200x150", "shapes_300x900", "shapes_400x300")
-TINY = RandomMMProjSpec(dim=32, heads=2, ffn=64, blocks=3, proj_hidden=48, out_dim=40, matmul_type="f32")
+# 56-pixel tiles (16 patches) keep the XLA:CPU runs short; the reference files cover the 336-pixel case.
+TINY = RandomMMProjSpec(image_size=56, dim=32, heads=2, ffn=64, blocks=3, proj_hidden=48, out_dim=40,
+                        matmul_type="f32")
 
 
 def random_image(w: int, h: int, seed: int = 0) -> Image.Image:
@@ -89,7 +91,9 @@ def numpy_forward(t: dict[str, np.ndarray], spec: RandomMMProjSpec, pixels: np.n
     (default: the deepest stored block), CLS dropped, projector with exact GELU."""
     from math import erf
 
-    gelu = np.vectorize(lambda v: 0.5 * v * (1 + erf(v / 2**0.5)))
+    def gelu(v):
+        return 0.5 * v * (1 + np.vectorize(erf)(v / 2**0.5))
+
     t = {k: v.astype(np.float64) for k, v in t.items()}
 
     def ln(x, p):
@@ -134,17 +138,18 @@ def numpy_forward(t: dict[str, np.ndarray], spec: RandomMMProjSpec, pixels: np.n
 def test_llava_mode_matches_numpy_reference(tmp_path, variant):
     spec = replace(TINY, **variant)
     enc = ImageEncoder.from_gguf(write_random_mmproj(tmp_path / "mm.gguf", spec))
-    pixels = np.random.default_rng(0).standard_normal((2, 3, 336, 336)).astype(np.float32)
+    pixels = np.random.default_rng(0).standard_normal((2, 3, 56, 56)).astype(np.float32)
     ours = np.asarray(enc.encode_tiles(pixels))
     ref = numpy_forward(random_mmproj_tensors(spec), spec, pixels)
-    assert ours.shape == ref.shape == (2, 576, 40)
+    assert ours.shape == ref.shape == (2, 16, 40)
     np.testing.assert_allclose(ours, ref, rtol=0, atol=2e-4 * max(1.0, np.abs(ref).max()))
 
 
+@pytest.mark.slow
 def test_f16_weights_and_bf16_compute(tmp_path):
     spec = replace(TINY, matmul_type="f16")
     path = write_random_mmproj(tmp_path / "mm.gguf", spec)
-    pixels = np.random.default_rng(1).standard_normal((1, 3, 336, 336)).astype(np.float32)
+    pixels = np.random.default_rng(1).standard_normal((1, 3, 56, 56)).astype(np.float32)
     ref = numpy_forward(random_mmproj_tensors(spec), spec, pixels)
     f32 = np.asarray(ImageEncoder.from_gguf(path).encode_tiles(pixels))
     np.testing.assert_allclose(f32, ref, atol=2e-4 * np.abs(ref).max())
@@ -157,11 +162,11 @@ def test_f16_weights_and_bf16_compute(tmp_path):
 
 
 def test_one_batched_call_equals_separate_calls(tmp_path):
-    enc = ImageEncoder.from_gguf(write_random_mmproj(tmp_path / "mm.gguf", replace(TINY, pinpoints=PRESETS[
-        "default"].pinpoints)))
-    images = [random_image(500, 300, 0), random_image(120, 90, 1), random_image(300, 800, 2)]
+    # (anyres images batched together are covered by the llama.cpp and HF parity tests)
+    enc = ImageEncoder.from_gguf(write_random_mmproj(tmp_path / "mm.gguf", TINY))
+    images = [random_image(100, 60, 0), random_image(60, 150, 2)]
     together = enc.embed(images)
-    assert [e.shape for e in together] == [(enc.n_tokens(img.size), 40) for img in images]
+    assert [e.shape for e in together] == [(16, 40), (16, 40)]
     for img, emb in zip(images, together, strict=True):
         np.testing.assert_allclose(np.asarray(enc.embed([img])[0]), np.asarray(emb), atol=1e-5)
     assert enc.embed([]) == []
@@ -205,7 +210,7 @@ def test_pack_flat_and_spatial():
 
 def test_scan_equals_unrolled(tmp_path):
     enc = ImageEncoder.from_gguf(write_random_mmproj(tmp_path / "mm.gguf", TINY))
-    pixels = np.random.default_rng(2).standard_normal((1, 3, 336, 336)).astype(np.float32)
+    pixels = np.random.default_rng(2).standard_normal((1, 3, 56, 56)).astype(np.float32)
     unrolled = ImageModel(enc.cfg, enc.dtype, "llava", None, unroll=True)
     out = jax.jit(lambda p, x: unrolled.apply({"params": p}, x))(enc.params, pixels)
     np.testing.assert_allclose(np.asarray(out), np.asarray(enc.encode_tiles(pixels)), atol=1e-5)
