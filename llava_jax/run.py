@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeat-last-n", type=int, default=64)
     p.add_argument("-s", "--seed", type=int, default=-1, help="random seed (-1: random)")
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
-    p.add_argument("--chat-template", help="vicuna, mistral, chatml, llama3 or raw (default: from the GGUF metadata)")
+    p.add_argument("--chat-template", help="vicuna, mistral, chatml, llama3, llava-cli or raw (default: from the GGUF metadata)")
     p.add_argument("--clip-compat", choices=["llava", "llama.cpp"], default="llava",
                    help="image pipeline semantics: LLaVA's own (default) or llama.cpp's mtmd graph")
     p.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="compute dtype (default: f32 on CPU, bf16 on GPU/TPU)")
