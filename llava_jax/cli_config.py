@@ -2,7 +2,8 @@
 
 Keys are flag names (dashes or underscores) grouped in tables: `[model]`, `[generation]` and
 `[mesh]` are read by `python -m llava_jax.run` and `scripts/batch_eval.py`; `[batch]` only by
-`batch_eval.py`. A key a tool does not know in a table it reads is an error (typos do not pass).
+`batch_eval.py`. A key a tool does not know in a table it reads, a table that is none of these four,
+or a value the flag would refuse (type, choices) is a one-line error (typos do not pass).
 """
 
 from __future__ import annotations
@@ -13,28 +14,67 @@ from pathlib import Path
 
 from llava_jax.errors import LlavaError
 
+TABLES = ("model", "generation", "mesh", "batch")
 
-def load_config(path: str | None, sections: tuple[str, ...] = ("model", "generation", "mesh", "batch")) -> dict:
+
+def load_config(path: str | None, sections: tuple[str, ...] = TABLES) -> dict:
+    """TOML file → {flag dest: value} from the tables in `sections` (later tables win on a repeated key)."""
     if not path:
         return {}
     p = Path(path)
-    if not p.exists():
+    if not p.is_file():
         raise LlavaError(f"config file not found: {p}")
     try:
         data = tomllib.loads(p.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as e:
         raise LlavaError(f"{p}: not valid TOML ({e})") from None
+    except UnicodeDecodeError:
+        raise LlavaError(f"{p}: not a UTF-8 text file") from None
     flat: dict = {}
     for key, value in data.items():
         if not isinstance(value, dict):
             raise LlavaError(f"{p}: key {key!r} must sit in a table ([model], [generation], [mesh] or [batch])")
+        if key not in TABLES:
+            raise LlavaError(f"{p}: unknown table [{key}] (tables: [model], [generation], [mesh], [batch])")
         if key in sections:
             flat |= {k.replace("-", "_"): v for k, v in value.items()}
     return flat
 
 
+def _check_value(action: argparse.Action, value):
+    """A config value as the flag would take it: strings through the flag's type, choices checked."""
+    flag = action.option_strings[-1] if action.option_strings else action.dest
+    if isinstance(action, argparse._StoreConstAction):  # store_true / store_false: the value itself
+        if not isinstance(value, bool):
+            raise LlavaError(f"{action.dest} = {value!r}: expected true or false (flag {flag})")
+        return value
+    if isinstance(action, argparse._AppendAction):
+        items = value if isinstance(value, list) else [value]
+        return [_convert(action, flag, v) for v in items]
+    return _convert(action, flag, value)
+
+
+def _convert(action: argparse.Action, flag: str, value):
+    if isinstance(value, (dict, list)):
+        raise LlavaError(f"{action.dest} = {value!r}: expected a single value (flag {flag})")
+    typ = action.type
+    if typ is not None and not isinstance(value, bool):
+        try:
+            if isinstance(value, str) or (typ is float and isinstance(value, int)):
+                value = typ(value)
+            elif not isinstance(value, typ):
+                raise TypeError
+        except (TypeError, ValueError):
+            raise LlavaError(f"{action.dest} = {value!r}: expected {getattr(typ, '__name__', typ)} (flag {flag})") from None
+    elif typ is not None:
+        raise LlavaError(f"{action.dest} = {value!r}: expected {getattr(typ, '__name__', typ)} (flag {flag})")
+    if action.choices is not None and value not in action.choices:
+        raise LlavaError(f"{action.dest} = {value!r}: choose from {', '.join(map(str, action.choices))} (flag {flag})")
+    return value
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
-                      sections: tuple[str, ...] = ("model", "generation", "mesh", "batch")) -> argparse.Namespace:
+                      sections: tuple[str, ...] = TABLES) -> argparse.Namespace:
     """Parse once for --config, apply its values as defaults, parse again (so flags win)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", action="append", default=[])
@@ -43,11 +83,18 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
     try:
         for path in known.config:  # later files override earlier ones
             values |= load_config(path, sections)
+        actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+        unknown = sorted(set(values) - set(actions))
+        if unknown:
+            raise LlavaError(f"{', '.join(known.config)}: unknown keys {', '.join(unknown)}")
+        values = {k: _check_value(actions[k], v) for k, v in values.items()}
     except LlavaError as e:
         parser.exit(1, f"error: {e}\n")
-    dests = {a.dest for a in parser._actions}
-    unknown = sorted(set(values) - dests)
-    if unknown:
-        parser.exit(1, f"error: {', '.join(known.config)}: unknown keys {', '.join(unknown)}\n")
+    # repeatable flags (--stop, --image): given on the command line, they replace the config's list
+    appended = {k for k in values if isinstance(actions[k], argparse._AppendAction)}
+    if appended:
+        parser.set_defaults(**{k: [] for k in appended})
+        given = parser.parse_args(argv)
+        values |= {k: [] for k in appended if getattr(given, k)}  # the final parse appends the flags' items
     parser.set_defaults(**values)
     return parser.parse_args(argv)

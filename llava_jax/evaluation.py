@@ -7,7 +7,12 @@ LLaVA's scoring scripts read — plus `"error"` for a row that could not be answ
 Each finished answer is appended and flushed at once; a restarted job skips the question ids already
 answered, so an interrupted run (Ctrl-C, kill -9) resumes with nothing lost or duplicated. With
 `jax.distributed`, process p of P answers every P-th unanswered question into `ANSWERS.part-p`;
-after a barrier process 0 merges the parts into ANSWERS in question order.
+after a barrier process 0 merges the parts into ANSWERS. At the end of every run the answers file is
+rewritten in question order (`finalize_answers`), so an interrupted-and-resumed job, a one-process job
+and a multi-process job leave byte-identical files.
+
+Every question is wrapped in the chat template (`--conv-mode`), text-only ones included, as LLaVA's
+`model_vqa*` scripts do; `--conv-mode raw` sends the text as is.
 """
 
 from __future__ import annotations
@@ -77,6 +82,14 @@ def part_path(answers: Path, process_id: int) -> Path:
     return answers.with_name(f"{answers.name}.part-{process_id}")
 
 
+def existing_parts(answers: Path) -> list[Path]:
+    """Every `ANSWERS.part-N` file next to ANSWERS (of this run or of an interrupted one with another -np)."""
+    if not answers.parent.exists():
+        return []
+    parts = [p for p in answers.parent.glob(f"{answers.name}.part-*") if p.name.rsplit("-", 1)[-1].isdigit()]
+    return sorted(parts, key=lambda p: int(p.name.rsplit("-", 1)[-1]))
+
+
 class AnswerWriter:
     """Appends one JSON line per answer and flushes it (fsync) before the next."""
 
@@ -103,17 +116,32 @@ class AnswerWriter:
         self.f.close()
 
 
-def merge_parts(answers: Path, questions: Sequence[Question], n_processes: int) -> int:
-    """Process 0, after the barrier: answers file + parts → answers file in question order. Returns rows."""
-    files = [answers] + [part_path(answers, p) for p in range(n_processes)]
-    done = read_answered(files)
-    rows = [done[str(q.question_id)] for q in questions if str(q.question_id) in done]
+def finalize_answers(answers: Path, questions: Sequence[Question], parts: Sequence[Path] = ()) -> int:
+    """Answers file + part files → the answers file, one row per question id, in question order.
+
+    Rows for question ids not in `questions` (an answers file shared with another question set) are
+    kept, after the others, in their file order. The file is replaced atomically, then the parts are
+    deleted. Returns the number of rows written.
+    """
+    done = read_answered([answers, *parts])
+    order = [str(q.question_id) for q in questions]
+    known = set(order)
+    keys = [k for k in order if k in done] + [k for k in done if k not in known]
     tmp = answers.with_name(answers.name + ".merging")
-    tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(json.dumps(done[k], ensure_ascii=False) + "\n" for k in keys))
+        f.flush()
+        os.fsync(f.fileno())
     tmp.replace(answers)
-    for p in range(n_processes):
-        part_path(answers, p).unlink(missing_ok=True)
-    return len(rows)
+    for part in parts:
+        part.unlink(missing_ok=True)
+    return len(keys)
+
+
+def merge_parts(answers: Path, questions: Sequence[Question], n_processes: int) -> int:
+    """Process 0, after the barrier: answers file + every part file → the answers file in question order."""
+    parts = sorted(set(existing_parts(answers)) | {part_path(answers, p) for p in range(n_processes)})
+    return finalize_answers(answers, questions, parts)
 
 
 @dataclass
@@ -144,11 +172,17 @@ def answer_questions(llm, questions: Sequence[Question], image_folder: str | os.
     """Answer `questions` in batches; every row (or its error) is written as soon as its batch finishes.
 
     Rows whose image is missing / unreadable or whose prompt does not fit the context are written with an
-    `error` field and the job goes on. The last batch is padded (with copies of its last row, results
-    dropped) to `batch_size`, so a job compiles one batch shape.
+    `error` field and the job goes on. A short batch (the last one, or one with error rows) is padded to
+    `batch_size` with copies of its cheapest row (results dropped), so a job compiles one batch size.
     """
     from llava_jax.images import load_image
+    from llava_jax.prompts import TEMPLATES, build_prompt, template_from_metadata
 
+    if batch_size < 1:
+        raise LlavaError(f"batch size must be >= 1, got {batch_size}")
+    template = generation.get("template") or template_from_metadata(llm.metadata)
+    if template not in TEMPLATES:
+        raise LlavaError(f"unknown chat template {template!r}; choose one of: {', '.join(TEMPLATES)}")
     summary = Summary()
     t0 = time.perf_counter()
     folder = Path(image_folder) if image_folder is not None else Path(".")
@@ -157,7 +191,9 @@ def answer_questions(llm, questions: Sequence[Question], image_folder: str | os.
         for q in batch:
             try:
                 imgs = [load_image(folder / q.image)] if q.image else []
-                n = llm.prompt_length(q.text, imgs, generation.get("template"))
+                # text-only questions get the chat template too (the model code only templates image prompts)
+                text = q.text if imgs else "".join(build_prompt(q.text, 0, template))
+                n = llm.prompt_length(text, imgs, template)
                 if n >= llm.n_ctx:
                     raise LlavaError(f"prompt is {n} tokens (images included), context is {llm.n_ctx}: use a larger -c")
             except LlavaError as e:
@@ -168,12 +204,17 @@ def answer_questions(llm, questions: Sequence[Question], image_folder: str | os.
                     progress(1)
                 continue
             ready.append(q)
-            prompts.append(q.text)
+            prompts.append(text)
             images.append(imgs)
         if not ready:
             continue
+        # pad to batch_size with copies of the cheapest row (fewest images, shortest text), one token each
         pad = batch_size - len(ready)
-        results = llm.generate_batch(prompts + prompts[-1:] * pad, images + images[-1:] * pad, **generation)
+        cheap = min(range(len(ready)), key=lambda i: (len(images[i]), len(prompts[i])))
+        limit = generation.get("max_new_tokens", 128)
+        results = llm.generate_batch(prompts + [prompts[cheap]] * pad, images + [images[cheap]] * pad,
+                                     **{**generation, "template": template,
+                                        "max_new_tokens": [limit] * len(ready) + [1] * pad})
         for q, imgs, res in zip(ready, images, results, strict=False):
             writer.write(_answer_row(q, model_id, res.text, {"stop_reason": res.stop_reason,
                                                              "n_tokens": len(res.token_ids)}))

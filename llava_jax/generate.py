@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import jax
 import jax.numpy as jnp
@@ -179,6 +179,7 @@ class TextEngine:
         A row finishes on a stop id (not emitted), at its max_new_tokens, or at the context end.
         """
         timings = Timings()
+        sampling = replace(sampling, seed=None)  # the seed only makes `key`: keep it out of the compile cache key
         b = len(requests)
         lengths = [len(r.tokens) for r in requests]
         for r, n in zip(requests, lengths, strict=True):
@@ -224,7 +225,7 @@ class TextEngine:
         timings.prompt_s = time.perf_counter() - t0
 
         produced = [0] * b
-        finished = [False] * b
+        finished = [limit <= 0 for limit in limits]
         new = self._accept(first[:, None], produced, finished, limits, stop_ids)
         timings.generated_tokens = sum(len(x) for x in new)
         yield StepOutput(new, finished, timings)

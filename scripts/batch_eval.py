@@ -18,7 +18,7 @@ from pathlib import Path
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", action="append", default=[], 
+    p.add_argument("--config", action="append", default=[],
                    help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
     p.add_argument("--model", help="language model GGUF or Orbax weight-cache directory (default: embedded SmolLM2)")
     p.add_argument("--mmproj", help="mmproj GGUF")
@@ -50,6 +50,19 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse_mesh_shape(spec: str | None) -> tuple[int, int]:
+    """"DATAxMODEL" → (data, model); None → (1, 1). LlavaError on anything else."""
+    from llava_jax.errors import LlavaError
+
+    if not spec:
+        return 1, 1
+    try:
+        data, model = (int(x) for x in spec.lower().split("x"))
+    except ValueError:
+        raise LlavaError(f"bad mesh shape {spec!r}: expected DATAxMODEL, e.g. 2x4") from None
+    return data, model
+
+
 def main(argv: list[str] | None = None) -> int:
     from llava_jax.cli_config import parse_with_config
     from llava_jax.errors import LlavaError
@@ -70,6 +83,12 @@ def run(args) -> int:
 
     from llava_jax.errors import LlavaError
 
+    if args.batch_size < 1:
+        raise LlavaError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.num_processes < 1 or not 0 <= args.process_id < args.num_processes:
+        raise LlavaError(f"--process-id must be in [0, {args.num_processes}) and --num-processes >= 1, "
+                         f"got {args.process_id} / {args.num_processes}")
+    mesh_shape = parse_mesh_shape(args.mesh)
     if args.num_processes > 1:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
         jax.distributed.initialize(coordinator_address=args.coordinator, num_processes=args.num_processes,
@@ -78,8 +97,7 @@ def run(args) -> int:
     from llava_jax import evaluation as ev
     from llava_jax.sharding import make_mesh
 
-    mesh = make_mesh(*(int(x) for x in args.mesh.lower().split("x")), devices=jax.local_devices()) if args.mesh \
-        else make_mesh(devices=jax.local_devices())
+    mesh = make_mesh(*mesh_shape, devices=jax.local_devices())  # each process: its own devices, its own slice
     mmproj = args.mmproj
     if args.default_mmproj and mmproj is None:
         from llava_jax.defaults import default_mmproj_path
@@ -99,8 +117,13 @@ def run(args) -> int:
     answers = Path(args.answers)
     pid, n_proc = args.process_id, args.num_processes
     out_path = answers if n_proc == 1 else ev.part_path(answers, pid)
-    done = ev.read_answered([answers] + [ev.part_path(answers, p) for p in range(n_proc)])
+    done = ev.read_answered([answers, *ev.existing_parts(answers)])
     todo = [q for q in questions if str(q.question_id) not in done][pid::n_proc]
+    if n_proc > 1:
+        from jax.experimental import multihost_utils
+
+        # every process must split the same `done`: nobody writes before everybody has read
+        multihost_utils.sync_global_devices("batch_eval:read_answered")
     model_id = args.model_id or (Path(llm.path).stem if llm.path else "llava_jax")
     generation = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_k=args.top_k,
                       top_p=args.top_p, min_p=args.min_p, repeat_penalty=args.repeat_penalty,
@@ -120,12 +143,12 @@ def run(args) -> int:
             bar.close()
     summary.skipped = len(done)
     if n_proc > 1:
-        from jax.experimental import multihost_utils
-
         multihost_utils.sync_global_devices("batch_eval:answers_written")
         if pid == 0:
             summary.extra["merged_rows"] = ev.merge_parts(answers, questions, n_proc)
         multihost_utils.sync_global_devices("batch_eval:merged")
+    else:  # question order (and the rows of parts left by an interrupted multi-process run merged in)
+        summary.extra["rows"] = ev.finalize_answers(answers, questions, ev.existing_parts(answers))
     print("batch_eval: " + json.dumps(summary.as_dict()), file=sys.stderr)
     return 0
 

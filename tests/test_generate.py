@@ -54,8 +54,6 @@ def test_stop_on_max_new_tokens(n, llm, smollm2_reference):
     assert res.timings.generated_tokens == n
 
 
-@pytest.mark.xfail(strict=True, reason="bug: TextEngine._accept appends the first token before checking the limit, "
-                   "so max_new_tokens=0 still emits one token (llama.cpp's -n 0 generates none)")
 def test_zero_new_tokens(llm, smollm2_reference):
     res = llm.generate(smollm2_reference[STORY]["prompt"], max_new_tokens=0, temperature=0)
     assert res.token_ids == [] and res.text == ""
@@ -135,9 +133,6 @@ def test_seed_reproducible(seeded_runs, smollm2_reference):
     assert a1.token_ids != smollm2_reference[STORY]["greedy_ids"][:24]  # really sampled, not greedy
 
 
-@pytest.mark.xfail(strict=True, reason="bug: SamplingParams.seed is part of the static `sampling` argument "
-                   "(TextEngine.generate passes it to _compile for 'first' and 'decode'), so every new seed "
-                   "recompiles both programs (~20-30 s on CPU); the seed only makes the initial key")
 def test_new_seed_reuses_compiled_programs(seeded_runs):
     assert seeded_runs["n_after_new_seed"] == seeded_runs["n_after_first"]
 

@@ -158,8 +158,11 @@ def test_v1_file(tmp_path):
     assert np.array_equal(np.asarray(view.raw).view(np.float32), np.arange(6, dtype=np.float32).reshape(2, 3))
 
 
-def test_tiny_file_matches_gguf_reader(tiny_v3):
-    _assert_same_as_reader(tiny_v3)
+@pytest.mark.parametrize("version", [2, 3])
+def test_tiny_file_matches_gguf_reader(tmp_path, version):
+    path = tmp_path / f"tiny_v{version}.gguf"
+    write_tiny_gguf(path, version)
+    _assert_same_as_reader(path)
 
 
 def _assert_same_as_reader(path) -> None:
