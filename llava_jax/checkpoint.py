@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from llava_jax.errors import LlavaError
-from llava_jax.sharding import ShardingRules, sharding_for, text_param_axes
+from llava_jax.sharding import ShardingRules, make_mesh, sharding_for, text_param_axes
 
 META_FILE = "meta.json"
 PARAMS_DIR = "params"
@@ -52,12 +52,16 @@ def save(directory: str | os.PathLike, params: dict, meta: dict) -> Path:
     return directory
 
 
-def restore(directory: str | os.PathLike, mesh, rules: ShardingRules = ShardingRules()) -> tuple[dict, dict]:
-    """→ (params placed on `mesh` per the partition table, meta)."""
+def restore(directory: str | os.PathLike, mesh=None, rules: ShardingRules = ShardingRules()) -> tuple[dict, dict]:
+    """→ (params placed on `mesh` (default: one device) per the partition table, meta)."""
     directory = Path(directory).absolute()
     if not is_checkpoint(directory):
         raise LlavaError(f"not a llava_jax Orbax checkpoint (no {META_FILE} / {PARAMS_DIR}): {directory}")
-    meta = json.loads((directory / META_FILE).read_text())
+    mesh = mesh if mesh is not None else make_mesh()
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise LlavaError(f"{directory / META_FILE}: not valid JSON ({e}); write the cache again") from None
     ckpt = ocp.StandardCheckpointer()
     stored = ckpt.metadata(directory / PARAMS_DIR)
     tree = getattr(stored, "item_metadata", stored)

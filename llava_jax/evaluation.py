@@ -21,7 +21,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -162,18 +162,15 @@ class Summary:
                 "tokens_per_s": self.generated_tokens / s, **self.extra}
 
 
-def batches(items: Sequence, size: int) -> Iterator[list]:
-    for i in range(0, len(items), size):
-        yield list(items[i:i + size])
-
-
 def answer_questions(llm, questions: Sequence[Question], image_folder: str | os.PathLike | None, writer: AnswerWriter,
                      model_id: str, batch_size: int, generation: dict, progress=None) -> Summary:
-    """Answer `questions` in batches; every row (or its error) is written as soon as its batch finishes.
+    """Answer `questions` in batches; every row (or its error) is written as soon as it is known.
 
-    Rows whose image is missing / unreadable or whose prompt does not fit the context are written with an
-    `error` field and the job goes on. A short batch (the last one, or one with error rows) is padded to
-    `batch_size` with copies of its cheapest row (results dropped), so a job compiles one batch size.
+    Rows whose image is missing / unreadable or whose prompt does not fit the context are written at once
+    with an `error` field and the job goes on; the next good rows fill their places, so every batch but
+    the last is full. The last is padded to `batch_size` with copies of its cheapest row (one new token
+    each, results dropped), so a job compiles one batch size. Should a whole batch still fail with a
+    LlavaError, its rows are retried one at a time so only the bad one becomes an error row.
     """
     from llava_jax.images import load_image
     from llava_jax.prompts import TEMPLATES, build_prompt, template_from_metadata
@@ -183,48 +180,68 @@ def answer_questions(llm, questions: Sequence[Question], image_folder: str | os.
     template = generation.get("template") or template_from_metadata(llm.metadata)
     if template not in TEMPLATES:
         raise LlavaError(f"unknown chat template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+    generation = {**generation, "template": template}
     summary = Summary()
     t0 = time.perf_counter()
     folder = Path(image_folder) if image_folder is not None else Path(".")
-    for batch in batches(list(questions), batch_size):
-        ready, prompts, images = [], [], []
-        for q in batch:
-            try:
-                imgs = [load_image(folder / q.image)] if q.image else []
-                # text-only questions get the chat template too (the model code only templates image prompts)
-                text = q.text if imgs else "".join(build_prompt(q.text, 0, template))
-                n = llm.prompt_length(text, imgs, template)
-                if n >= llm.n_ctx:
-                    raise LlavaError(f"prompt is {n} tokens (images included), context is {llm.n_ctx}: use a larger -c")
-            except LlavaError as e:
-                writer.write(_answer_row(q, model_id, "", {}, error=str(e)))
-                summary.errors += 1
-                summary.items += 1
-                if progress:
-                    progress(1)
-                continue
-            ready.append(q)
-            prompts.append(text)
-            images.append(imgs)
-        if not ready:
-            continue
-        # pad to batch_size with copies of the cheapest row (fewest images, shortest text), one token each
-        pad = batch_size - len(ready)
-        cheap = min(range(len(ready)), key=lambda i: (len(images[i]), len(prompts[i])))
-        limit = generation.get("max_new_tokens", 128)
-        results = llm.generate_batch(prompts + [prompts[cheap]] * pad, images + [images[cheap]] * pad,
-                                     **{**generation, "template": template,
-                                        "max_new_tokens": [limit] * len(ready) + [1] * pad})
-        for q, imgs, res in zip(ready, images, results, strict=False):
+
+    def error_row(q: Question, e: LlavaError) -> None:
+        writer.write(_answer_row(q, model_id, "", {}, error=str(e)))
+        summary.errors += 1
+        summary.items += 1
+        if progress:
+            progress(1)
+
+    def run(rows: list[tuple[Question, str, list]]) -> None:
+        try:
+            results = _generate_padded(llm, rows, batch_size, generation)
+        except LlavaError as e:
+            if len(rows) == 1:
+                error_row(rows[0][0], e)
+                return
+            for row in rows:
+                run([row])
+            return
+        for (q, _, imgs), res in zip(rows, results, strict=False):
             writer.write(_answer_row(q, model_id, res.text, {"stop_reason": res.stop_reason,
                                                              "n_tokens": len(res.token_ids)}))
             summary.items += 1
             summary.images += len(imgs)
             summary.generated_tokens += len(res.token_ids)
         if progress:
-            progress(len(ready))
+            progress(len(rows))
+
+    ready: list[tuple[Question, str, list]] = []
+    for q in questions:
+        try:
+            imgs = [load_image(folder / q.image)] if q.image else []
+            # text-only questions get the chat template too (the model code only templates image prompts)
+            text = q.text if imgs else "".join(build_prompt(q.text, 0, template))
+            n = llm.prompt_length(text, imgs, template)
+            if n >= llm.n_ctx:
+                raise LlavaError(f"prompt is {n} tokens (images included), context is {llm.n_ctx}: use a larger -c")
+        except LlavaError as e:
+            error_row(q, e)
+            continue
+        ready.append((q, text, imgs))
+        if len(ready) == batch_size:
+            run(ready)
+            ready = []
+    if ready:
+        run(ready)
     summary.seconds = time.perf_counter() - t0
     return summary
+
+
+def _generate_padded(llm, rows: list[tuple[Question, str, list]], batch_size: int, generation: dict) -> list:
+    """generate_batch over `rows` padded to batch_size with copies of the cheapest row (fewest images, then
+    shortest text), which get one new token each."""
+    pad = batch_size - len(rows)
+    cheap = min(rows, key=lambda r: (len(r[2]), len(r[1])))
+    rows = list(rows) + [cheap] * pad
+    limit = generation.get("max_new_tokens", 128)
+    return llm.generate_batch([r[1] for r in rows], [r[2] for r in rows],
+                              **{**generation, "max_new_tokens": [limit] * (batch_size - pad) + [1] * pad})
 
 
 def _answer_row(q: Question, model_id: str, text: str, metadata: dict, error: str | None = None) -> dict:

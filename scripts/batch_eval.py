@@ -111,6 +111,8 @@ def run(args) -> int:
         llm.save_orbax(args.save_orbax)
         print(f"batch_eval: Orbax weight cache written to {args.save_orbax}", file=sys.stderr)
         return 0
+    if args.max_new_tokens > 0:  # decode chunks no longer than the answers (the first token comes from prefill)
+        llm.engine.chunk = max(1, min(llm.engine.chunk, args.max_new_tokens - 1))
     if not args.questions or not args.answers:
         raise LlavaError("--questions and --answers are required")
     questions = ev.read_questions(args.questions)

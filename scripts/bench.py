@@ -14,8 +14,9 @@ Measured per model and engine (`--mode text`):
   argmax of its logits, per token.
 Warm numbers: compilation and the first run of each executable are excluded and reported apart
 (`compile_s`, `first_run`); each figure is the best of `--repeats` runs (the machine is shared, so
-the minimum time is the least disturbed one; the median is reported too). The system load average
-is recorded before and after.
+the minimum time is the least disturbed one; the median is reported too). Before each timed run the
+script waits (`--quiet-wait`, default up to 120 s) for the other processes to leave the CPU idle and
+records how busy it was; the load average is recorded before and after.
 
 llama.cpp runs through `llama-cpp-python` with 2 threads, an f32 KV cache, no flash attention, and
 model params `use_extra_bufts=False` (its repacked AMX CPU buffers crash on Q4_1 in these VMs) — the
@@ -57,6 +58,46 @@ def load_average() -> list[float]:
     return [round(x, 2) for x in os.getloadavg()]
 
 
+def cpu_busy(interval: float = 0.3) -> float:
+    """Fraction of all cores busy (any process) over `interval` seconds, from /proc/stat."""
+    def snap():
+        with open("/proc/stat") as f:
+            v = [int(x) for x in f.readline().split()[1:]]
+        return sum(v), v[3] + v[4]  # total, idle + iowait
+
+    t0, i0 = snap()
+    time.sleep(interval)
+    t1, i1 = snap()
+    return 1.0 - (i1 - i0) / max(1, t1 - t0)
+
+
+class Quiet:
+    """Before each timed run, wait (up to `timeout` s) until the other processes leave the CPU idle.
+
+    The machine is shared; a 2-thread run next to someone's test suite measures the contention, not
+    the engine (llama.cpp's spinning threads suffer most: 4 tok/s instead of 40). Every wait's last
+    busy reading is recorded, so a result taken on a busy machine says so.
+    """
+
+    def __init__(self, timeout: float, threshold: float = 0.1):
+        self.timeout, self.threshold, self.readings = timeout, threshold, []
+
+    def wait(self) -> None:
+        if self.timeout <= 0:
+            return
+        t0 = time.perf_counter()
+        while True:
+            busy = cpu_busy()
+            if busy <= self.threshold or time.perf_counter() - t0 > self.timeout:
+                break
+        self.readings.append(round(busy, 2))
+
+    def summary(self) -> dict:
+        r = self.readings
+        return {"threshold": self.threshold, "timeout_s": self.timeout, "runs": len(r),
+                "max_busy_before_run": max(r, default=None), "busy_runs": sum(b > self.threshold for b in r)}
+
+
 def machine_info() -> dict:
     cpu = "unknown"
     try:
@@ -88,7 +129,7 @@ def make_prompt(tokenize, n_tokens: int) -> list[int]:
 
 
 # ---- llava_jax ------------------------------------------------------------------------------------
-def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int) -> dict:
+def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int, quiet: Quiet) -> dict:
     import jax
 
     import llava_jax
@@ -101,6 +142,7 @@ def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int) -> 
 
     def run_once() -> tuple[float, float, int, float, list[int]]:
         """(prefill s, decode s, decode tokens, compile s, ids): one generation, EOS ignored."""
+        quiet.wait()
         # 1 token from the prefill, then n_gen from decode chunks (a multiple of the chunk).
         request = Request(list(prompt), None, 1 + n_gen)
         steps = engine.generate([request], greedy, initial_key(greedy), llm.n_ctx, stop_ids=frozenset())
@@ -140,7 +182,7 @@ def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int) -> 
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
-def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, threads: int) -> dict:
+def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, threads: int, quiet: Quiet) -> dict:
     import llama_cpp
 
     # Repacked (AMX / extra) CPU buffers crash on Q4_1 in these VMs: turn them off for every load.
@@ -165,6 +207,7 @@ def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, thr
         return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
 
     def run_once() -> tuple[float, float, list[int]]:
+        quiet.wait()
         llm.reset()
         t0 = time.perf_counter()
         llm.eval(prompt)
@@ -207,10 +250,11 @@ def bench_text(args, models: list[str]) -> list[dict]:
         prompt = make_prompt(lambda s: Tokenizer.from_gguf(model).encode(s), args.prompt_tokens)
         log(f"== {Path(model).name}: prompt {len(prompt)} tokens, decode {args.gen_tokens}, load avg {load_average()}")
         row: dict = {"model": str(model), "load_avg_before": load_average()}
-        row["llava_jax"] = bench_llava_jax(model, prompt, args.gen_tokens, args.repeats)
+        quiet = Quiet(args.quiet_wait)
+        row["llava_jax"] = bench_llava_jax(model, prompt, args.gen_tokens, args.repeats, quiet)
         log(f"   llava_jax  {_line(row['llava_jax'])}")
         if args.llama_cpp:
-            row["llama_cpp"] = bench_llama_cpp(model, prompt, args.gen_tokens, args.repeats, args.threads)
+            row["llama_cpp"] = bench_llama_cpp(model, prompt, args.gen_tokens, args.repeats, args.threads, quiet)
             log(f"   llama.cpp  {_line(row['llama_cpp'])}")
             jx, lc = row["llava_jax"], row["llama_cpp"]
             row["ratio"] = {  # llava_jax / llama.cpp: > 1 means llava_jax is faster (load: < 1 is faster)
@@ -221,6 +265,7 @@ def bench_text(args, models: list[str]) -> list[dict]:
             log(f"   ratio llava_jax/llama.cpp: prefill {row['ratio']['prefill']:.2f}x, "
                 f"decode {row['ratio']['decode']:.2f}x, load time {row['ratio']['load']:.2f}x")
         row["load_avg_after"] = load_average()
+        row["quiet"] = quiet.summary()
         rows.append(row)
     return rows
 
@@ -243,6 +288,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gen-tokens", type=int, default=128, help="decode tokens (a multiple of the decode chunk, 16)")
     ap.add_argument("--repeats", type=int, default=3, help="warm runs per figure; the best is reported")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
+    ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
+                    help="before each timed run wait up to S seconds for an idle CPU (0: don't wait)")
     ap.add_argument("-o", "--output", help="also write the JSON here")
     args = ap.parse_args(argv)
 

@@ -9,8 +9,9 @@ ViT, placeholder merge, left padding, per-row positions / masks / limits) are th
 
 Rows mix text only, one image and two images of different sizes, a prompt with an explicit `<image>`
 marker, and prompt lengths that differ by hundreds of tokens, so each row's left padding inside the
-batch differs from its padding alone (its own, smaller bucket). The model is loaded with scanned layers
-(the GPU/TPU layout): the ragged-batch logic is the same as unrolled and it compiles ~5x faster on CPU.
+batch differs from its padding alone (its own, smaller bucket). The mixed-row tests load the model with
+scanned layers (the GPU/TPU layout, stacked KV cache; it compiles ~5x faster on CPU); a smaller test runs
+the CPU default (unrolled layers, per-layer KV cache) on the model shared with the other test modules.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import copy
 
 import numpy as np
 import pytest
+from smollm2_model import shared_smollm2
 from tiny_mmproj import drawing, tiny_spec
 
 import llava_jax
@@ -110,3 +112,12 @@ def test_batched_vision_equals_one_image_at_a_time(models):
             alone = llm.embed_image(im)
             assert emb.shape == alone.shape == (llm.image_encoder.n_tokens(im.size), 576)
             np.testing.assert_allclose(emb, alone, rtol=0, atol=1e-5)
+
+
+def test_default_cpu_layout(models):
+    """The same property with unrolled layers (the CPU default, its own KV-cache layout): text + one image."""
+    llm = copy.copy(shared_smollm2())
+    assert llm.engine.model.scan_layers is False
+    llm.image_encoder = models[1].image_encoder  # the 1.5-style encoder: 64 image tokens
+    rows = [("Hi!", []), (LONG_TEXT, []), ("What colour is the square?", [drawing(200, 150, seed=30)])]
+    check_batch_equals_rows(llm, rows, [MAX_NEW] * len(rows))

@@ -39,9 +39,11 @@ MODEL_ID = "smollm2-tiny16"
 ANSWER_FIELDS = {"question_id", "prompt", "text", "answer_id", "model_id", "metadata"}
 SHORT_QUESTIONS = ["What is 2+2?", "Name a colour.", "Say hello.", "Name a fruit.", "Count to three.",
                    "What is the sea?", "Name an animal.", "Is ice cold?", "Spell cat.", "Name a planet."]
-IMAGE_QUESTIONS = {3: (40, 30), 9: (80, 60), 12: (200, 60), 20: (60, 200), 27: (100, 100), 33: (300, 90),
-                   41: (150, 40), 46: (120, 90)}  # question index -> drawn image size
-MISSING, UNREADABLE, TRUNCATED, TOO_LONG = (15, 38), 24, 30, 44
+# question index -> drawn image size; image rows lengthen their whole batch (CPU prefill is the cost), so
+# they sit in two batches of eight, text-only batches around them
+IMAGE_QUESTIONS = {9: (40, 30), 10: (80, 60), 12: (200, 60), 13: (60, 200), 17: (100, 100), 18: (300, 90),
+                   20: (150, 40), 22: (120, 90)}
+MISSING, UNREADABLE, TRUNCATED, TOO_LONG = (11, 38), 24, 30, 44
 CTX = 256
 
 
@@ -172,19 +174,22 @@ def test_killed_and_restarted_run_equals_uninterrupted(dataset, reference):
     proc = start(dataset, answers, log=log)  # with the progress bar
     deadline = time.monotonic() + 900
     try:
+        # kill inside the second batch: the first batch (questions 0-7) written, and the error row of
+        # question 11, written as soon as it is found, before the batch it would have joined is generated
         while True:
             n = answers.read_bytes().count(b"\n") if answers.exists() else 0
-            if n >= 12 or proc.poll() is not None or time.monotonic() > deadline:
+            if n > 8 or proc.poll() is not None or time.monotonic() > deadline:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     partial = answers.read_text()
     complete = [json.loads(line) for line in partial.splitlines(keepends=True) if line.endswith("\n")]
-    assert 12 <= len(complete) < N_QUESTIONS  # killed mid-job, after at least one batch
     assert len({str(r["question_id"]) for r in complete}) == len(complete)
+    assert [r["question_id"] for r in complete][:9] == [*map(qid, range(8)), MISSING[0]], partial
+    assert len(complete) == 9  # mid-job, mid-batch
     with open(answers, "a") as f:  # and a line torn by the kill, as a write cut short would leave
         f.write('{"question_id": 49, "prompt": "Name a plan')
 
@@ -272,16 +277,32 @@ def test_answer_questions_pads_batches_and_reports_bad_rows(tmp_path):
     assert "image not found" in rows["2"]["error"] and "context is 64" in rows["3"]["error"]
     assert "image marker" in rows["x"]["error"]
     assert (s.items, s.errors, s.images, sum(ticks)) == (6, 3, 1, 6)
-    assert [len(p) for p, _, _ in llm.batches] == [4, 4]  # the last batch (one row) padded to 4
-    assert llm.batches[1][0] == ["<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\nfifth"
-                                 "<|im_end|>\n<|im_start|>assistant\n"] * 4  # text-only: chat template applied
-    # padding: copies of the cheapest row (no image), one new token each
-    assert llm.batches[0][0][1] == "look" and llm.batches[0][1] == [0, 1, 0, 0]  # image rows: the model templates
-    assert llm.batches[0][0][2:] == llm.batches[0][0][:1] * 2 and llm.batches[0][2]["max_new_tokens"] == [3, 3, 1, 1]
-    assert all(kw["template"] == "chatml" for _, _, kw in llm.batches)
+    # error rows leave no holes: the three good rows make one batch, padded to 4 with a copy of the
+    # cheapest row (no image, shortest text), which gets one new token
+    assert len(llm.batches) == 1
+    prompts, n_images, kw = llm.batches[0]
+    chatml = "<|im_start|>system\nAnswer the questions.<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n"
+    assert prompts == [chatml.format("first"), "look", chatml.format("fifth"), chatml.format("first")]
+    assert n_images == [0, 1, 0, 0] and kw["max_new_tokens"] == [3, 3, 3, 1] and kw["template"] == "chatml"
     assert s.generated_tokens == 1 + 2 + 1  # padding rows not counted
     with pytest.raises(LlavaError, match="unknown chat template"):
         ev.answer_questions(llm, qs, tmp_path, writer, "m", 4, {"template": "nope"})
+
+
+def test_a_failing_batch_is_retried_row_by_row(tmp_path):
+    class Picky(FakeLlava):
+        def generate_batch(self, prompts, images, **kw):
+            if any("poison" in p for p in prompts):
+                raise LlavaError("cannot tile this image")
+            return super().generate_batch(prompts, images, **kw)
+
+    qs = [ev.Question(i, "poison" if i == 2 else f"q{i}") for i in range(5)]
+    writer = ev.AnswerWriter(tmp_path / "a.jsonl")
+    s = ev.answer_questions(Picky(), qs, tmp_path, writer, "m", 4, {"template": "raw"})
+    writer.close()
+    rows = [json.loads(line) for line in (tmp_path / "a.jsonl").read_text().splitlines()]
+    assert sorted(r["question_id"] for r in rows) == [0, 1, 2, 3, 4]
+    assert [r["question_id"] for r in rows if "error" in r] == [2] and (s.items, s.errors) == (5, 1)
 
 
 def test_questions_file_errors(tmp_path):
