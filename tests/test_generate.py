@@ -156,10 +156,11 @@ def test_bucketing_reuses_compiled_programs(llm, smollm2_reference):
     assert set(engine._compiled) == before  # same prefill, first-token and decode programs
     assert res.timings.compile_s == 0.0
     assert res.token_ids == longer["greedy_ids"][:20]
-    # a prompt in the next bucket (33-64 tokens) adds exactly one program: its prefill
+    # a prompt in the next bucket (33-64 tokens) adds at most its prefill (none when an earlier test in
+    # this session already compiled that bucket); first-token and decode programs are reused
     text = longer["prompt"] * 2
     assert 32 < len(llm.tokenize(text)) <= 64
     res = llm.generate(text, max_new_tokens=20, temperature=0)
     added = set(engine._compiled) - before
-    assert [sig[0] for sig in added] == ["prefill"], [sig[0] for sig in added]
-    assert res.timings.compile_s > 0.0
+    assert [sig[0] for sig in added] in (["prefill"], []), [sig[0] for sig in added]
+    assert (res.timings.compile_s > 0.0) == bool(added)
