@@ -175,7 +175,7 @@ def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int, qui
         "dtype": str(engine.dtype), "scan_layers": engine.model.scan_layers, "chunk": engine.chunk,
         "greedy_ids_head": ids[:16],
     }
-    del llm, engine
+    llm = engine = None  # free the weights before the next model
     gc.collect()
     jax.clear_caches()
     return out
@@ -236,7 +236,7 @@ def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, thr
         "threads": threads, "greedy_ids_head": ids[:16],
     }
     llm.close()
-    del llm
+    llm = None  # free the model before the next one
     gc.collect()
     return out
 
@@ -247,7 +247,7 @@ def bench_text(args, models: list[str]) -> list[dict]:
 
     rows = []
     for model in models:
-        prompt = make_prompt(lambda s: Tokenizer.from_gguf(model).encode(s), args.prompt_tokens)
+        prompt = make_prompt(lambda s, m=model: Tokenizer.from_gguf(m).encode(s), args.prompt_tokens)
         log(f"== {Path(model).name}: prompt {len(prompt)} tokens, decode {args.gen_tokens}, load avg {load_average()}")
         row: dict = {"model": str(model), "load_avg_before": load_average()}
         quiet = Quiet(args.quiet_wait)
