@@ -8,3 +8,19 @@ message that fits on one line. The CLI turns it into one stderr line and a non-z
 
 class LlavaError(Exception):
     """A user-facing error; `str(err)` is one line that says what is wrong and, if possible, what to do."""
+
+
+def run_cli(body, interrupted: str = "interrupted") -> int:
+    """Run a CLI's body (a no-argument callable returning the exit status) the way every llava_jax
+    command reports failure: a LlavaError is one `error: ...` line on stderr and status 1; Ctrl-C
+    prints `interrupted` (one line) and returns 130. Anything else is a bug and keeps its traceback."""
+    import sys
+
+    try:
+        return body()
+    except LlavaError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"\n{interrupted}", file=sys.stderr)
+        return 130

@@ -14,7 +14,7 @@ import argparse
 import json
 import sys
 
-from llava_jax.errors import LlavaError
+from llava_jax.errors import LlavaError, run_cli
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,14 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     from llava_jax.cli_config import parse_with_config
 
     args = parse_with_config(build_parser(), argv, sections=("model", "generation", "mesh"))
-    try:
-        return _run(args)
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted", file=sys.stderr)
-        return 130
+    return run_cli(lambda: _run(args))
 
 
 def _run(args) -> int:

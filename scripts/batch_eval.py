@@ -65,17 +65,10 @@ def parse_mesh_shape(spec: str | None) -> tuple[int, int]:
 
 def main(argv: list[str] | None = None) -> int:
     from llava_jax.cli_config import parse_with_config
-    from llava_jax.errors import LlavaError
+    from llava_jax.errors import run_cli
 
     args = parse_with_config(build_parser(), argv)
-    try:
-        return run(args)
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("\ninterrupted: answers so far are saved; run the same command again to resume", file=sys.stderr)
-        return 130
+    return run_cli(lambda: run(args), "interrupted: answers so far are saved; run the same command again to resume")
 
 
 def run(args) -> int:

@@ -29,3 +29,23 @@ def shared_reference() -> Path:
 def smollm2_reference(shared_reference) -> dict:
     """llama.cpp's outputs on the F32 rewrite of the SmolLM2 file: a list of per-prompt dicts."""
     return json.loads((shared_reference / "smollm2" / "f32.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def llama_cpp_mod():
+    """llama_cpp with models loaded with use_extra_bufts=False (its AMX / repacked CPU buffers crash in these VMs)."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    import llama_cpp.llama as llama_module
+
+    orig = llama_cpp.llama_model_default_params
+
+    def params():  # the AMX / repacked CPU buffers crash in these VMs
+        p = orig()
+        p.use_extra_bufts = False
+        return p
+
+    llama_cpp.llama_model_default_params = params
+    llama_module.llama_cpp.llama_model_default_params = params
+    yield llama_cpp
+    llama_cpp.llama_model_default_params = orig
+    llama_module.llama_cpp.llama_model_default_params = orig

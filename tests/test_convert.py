@@ -431,23 +431,6 @@ def test_script_writes_both_files(hf_llava16_dir, tmp_path):
 # ---- llama.cpp ---------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_cpp_mod():
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama as llama_module
-
-    orig = llama_cpp.llama_model_default_params
-
-    def params():  # the AMX / repacked CPU buffers crash in these VMs
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_model_default_params = params
-    llama_module.llama_cpp.llama_model_default_params = params
-    yield llama_cpp
-    llama_cpp.llama_model_default_params = orig
-    llama_module.llama_cpp.llama_model_default_params = orig
 
 
 def _load(llama_cpp, path: Path, n_ctx: int = 256):

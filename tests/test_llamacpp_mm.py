@@ -44,23 +44,6 @@ TEXTS = ["Hello world, the man said 12345 héllo  two   spaces\ttab", "USER: Wha
 # ---- llama.cpp plumbing -----------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def llama_cpp_mod():
-    llama_cpp = pytest.importorskip("llama_cpp")
-    import llama_cpp.llama as llama_module
-
-    orig = llama_cpp.llama_model_default_params
-
-    def params():  # the AMX / repacked CPU buffers crash in these VMs
-        p = orig()
-        p.use_extra_bufts = False
-        return p
-
-    llama_cpp.llama_model_default_params = params
-    llama_module.llama_cpp.llama_model_default_params = params
-    yield llama_cpp
-    llama_cpp.llama_model_default_params = orig
-    llama_module.llama_cpp.llama_model_default_params = orig
 
 
 def load_llamacpp(llama_cpp, path, n_ctx: int = 512):

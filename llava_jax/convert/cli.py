@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 from llava_jax.convert.language import plan_language_model
 from llava_jax.convert.layouts import detect_layout
 from llava_jax.convert.mmproj import plan_mmproj
 from llava_jax.convert.writer import OUTTYPES, check_outtype, write_plans
-from llava_jax.errors import LlavaError
+from llava_jax.errors import run_cli
 
 
 def output_paths(outdir: str | os.PathLike[str], outtype: str) -> tuple[Path, Path]:
@@ -56,15 +55,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        mmproj, text = convert(args.model_dir, args.outdir, args.outtype, args.clip_dir,
-                               progress=not args.no_progress)
-    except LlavaError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("error: interrupted", file=sys.stderr)
-        return 130
-    print(f"wrote {mmproj}")
-    print(f"wrote {text}")
-    return 0
+
+    def body() -> int:
+        mmproj, text = convert(args.model_dir, args.outdir, args.outtype, args.clip_dir, progress=not args.no_progress)
+        print(f"wrote {mmproj}")
+        print(f"wrote {text}")
+        return 0
+
+    return run_cli(body, interrupted="error: interrupted")
