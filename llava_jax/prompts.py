@@ -259,7 +259,9 @@ def process_escapes(text: str) -> str:
     pair, including C's \\a \\b \\f \\v \\? and a \\x without two hex digits, is kept as written, as
     is a trailing backslash. Bytes from \\xHH that do not form valid UTF-8 become U+FFFD.
     """
-    src = text.encode("utf-8")
+    if "\\" not in text:
+        return text  # nothing to process (and lone surrogates, which UTF-8 cannot encode, pass through)
+    src = text.encode("utf-8", errors="surrogatepass")
     out = bytearray()
     i, n = 0, len(src)
     while i < n:
