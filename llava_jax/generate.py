@@ -26,9 +26,11 @@ import numpy as np
 
 from llava_jax.config import TextConfig
 from llava_jax.errors import LlavaError
+from llava_jax.params import fuse_projections as fuse
+from llava_jax.params import split_projections
 from llava_jax.sampling import SamplingParams, init_recent, push_recent, sample_next
 from llava_jax.sharding import KV_CACHE_AXES, ShardingRules, sharding_for
-from llava_jax.text import Decoder, KVCache
+from llava_jax.text import Decoder, KVCache, per_layer_axes, per_layer_shapes
 
 IMAGE_PLACEHOLDER = -1  # token id marking an image-embedding row in a prompt
 
@@ -98,14 +100,30 @@ class TextEngine:
     """Jitted prefill / decode over one decoder's params on one mesh."""
 
     def __init__(self, cfg: TextConfig, params: dict, mesh, dtype, scan_layers: bool = False,
-                 rules: ShardingRules = ShardingRules(), chunk: int = 16):
-        self.cfg, self.params, self.mesh, self.dtype, self.rules, self.chunk = cfg, params, mesh, dtype, rules, chunk
-        self.model = Decoder(cfg, dtype, scan_layers)
+                 rules: ShardingRules = ShardingRules(), chunk: int = 16, fuse_projections: bool | None = None):
+        """params: GGUF-named (`params.load_text_params`). fuse_projections (default: when the mesh's
+        `model` axis has one device) replaces them by `params.fuse_projections`' layout, kept in
+        `self.params`; `canonical_params()` gives the GGUF-named layout back."""
+        self.cfg, self.mesh, self.dtype, self.rules, self.chunk = cfg, mesh, dtype, rules, chunk
+        if fuse_projections is None:
+            fuse_projections = mesh.shape["model"] == 1
+        self.params = fuse(params, mesh, rules) if fuse_projections else params
+        self.model = Decoder(cfg, dtype, scan_layers, fuse_projections)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps", "kv_window", "sampling"),
                                donate_argnames=("cache",))
         self._first = jax.jit(self._first_impl, static_argnames=("sampling",))
+        self._grow = jax.jit(self._grow_impl, static_argnames=("length",), donate_argnames=("cache",))
+        # Generation keeps one KV buffer per layer when layers are unrolled (decode reads each whole: no
+        # window copies, see text.KVCache); scanned layers need the stacked layout.
+        self.per_layer_cache = not scan_layers
+
+    def canonical_params(self) -> dict:
+        """The params in GGUF-named layout (q/k/v and gate/up apart), e.g. for a checkpoint."""
+        if not self.model.fused_projections:
+            return self.params
+        return split_projections(self.params, self.cfg, self.mesh, self.rules)
 
     # ---- jitted bodies ----------------------------------------------------------------------------
     def _forward_impl(self, params, tokens, positions, cache, write_index, kv_start, image_embeds, logit_index, *,
@@ -136,6 +154,15 @@ class TextEngine:
         cache, _, _, key, recent = carry
         return tokens.T, cache, key, recent
 
+    @staticmethod
+    def _grow_impl(cache, *, length):
+        """Pad every per-layer K/V buffer with zero columns up to `length` (keys: last axis, values: -2)."""
+        def pad(x, axis):
+            widths = [(0, 0)] * x.ndim
+            widths[axis] = (0, length - x.shape[axis])
+            return jnp.pad(x, widths)
+        return KVCache(tuple(pad(k, -1) for k in cache.k), tuple(pad(v, -2) for v in cache.v))
+
     def _compile(self, fn, name: str, timings: Timings | None, *args, **static):
         """Ahead-of-time compile fn for these shapes (cached); compile seconds go to timings."""
         sig = (name, tuple(sorted(static.items())),
@@ -149,7 +176,17 @@ class TextEngine:
         return compiled
 
     # ---- building blocks ----------------------------------------------------------------------------
-    def new_cache(self, batch: int, length: int) -> KVCache:
+    def new_cache(self, batch: int, length: int, per_layer: bool = False) -> KVCache:
+        """A zero KV cache for `batch` rows of `length` columns, stacked or per-layer (see text.KVCache)."""
+        if per_layer:
+            n = self.cfg.n_layers
+            buffers = []
+            for shape, axes in zip(per_layer_shapes(self.cfg, batch, length), per_layer_axes(batch, self.cfg.n_kv_heads),
+                                   strict=True):
+                sharding = sharding_for(shape, axes, self.mesh, self.rules)
+                buffers.append(jax.jit(lambda s=shape: tuple(jnp.zeros(s, self.dtype) for _ in range(n)),
+                                       out_shardings=(sharding,) * n)())
+            return KVCache(*buffers)
         shape = (self.cfg.n_layers, batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         sharding = sharding_for(shape, (None, *KV_CACHE_AXES), self.mesh, self.rules)
         zeros = jax.jit(lambda: jnp.zeros(shape, self.dtype), out_shardings=sharding)
@@ -213,7 +250,16 @@ class TextEngine:
         recent = jnp.asarray(init_recent([[t for t in r.tokens if t >= 0] for r in requests],
                                          sampling.repeat_last_n))
 
-        cache = self.new_cache(b, cache_len)
+        if self.per_layer_cache:
+            # Buffers start at the first decode window and grow window by window (decode reads them
+            # whole); the last window is only as long as this request can need (rounded to 256), e.g.
+            # 768 rather than 1024 columns for 512 + 128 tokens: decode attention costs ~6 us per
+            # column per token here (30 layers, memory-bound).
+            cache_len = min(cache_len, -(-total // 256) * 256)
+            length = min(cache_len, bucket(tb + self.chunk, minimum=256))
+        else:
+            length = cache_len
+        cache = self.new_cache(b, length, per_layer=self.per_layer_cache)
         args = (self.params, self._batch_array(tokens), self._batch_array(positions), cache, np.int32(0),
                 self._batch_array(kv_start), image_embeds, np.full(b, tb - 1, np.int32))
         prefill = self._compile(self._forward, "prefill", timings, *args, kv_window=tb)
@@ -234,6 +280,8 @@ class TextEngine:
         kv_start_dev = self._batch_array(kv_start)
         while not all(finished):
             window = min(cache_len, bucket(column + self.chunk, minimum=256))
+            if self.per_layer_cache and window > length:  # (runs asynchronously: timed with the chunk below)
+                cache, length = self._compile(self._grow, "grow", timings, cache, length=window)(cache), window
             static = dict(n_steps=self.chunk, kv_window=window, sampling=sampling)
             args = (self.params, cache, token, np.int32(column), kv_start_dev, key, recent)
             decode = self._compile(self._decode, "decode", timings, *args, **static)

@@ -233,7 +233,7 @@ class Llava:
         """Write the dequantized, dtype-cast params (+ metadata) as an Orbax checkpoint; `load(directory)` restores it."""
         from llava_jax import checkpoint
 
-        params = {"text": self.engine.params}
+        params = {"text": self.engine.canonical_params()}
         meta = {"text_metadata": self.metadata, "text_tensors": sorted(self.tensor_names),
                 "dtype": jnp.dtype(self.engine.dtype).name, "scan_layers": self.engine.model.scan_layers}
         enc = self.image_encoder

@@ -106,3 +106,59 @@ def stack_layers(params: dict, n_layers: int, mesh, rules: ShardingRules) -> dic
 
     params["blk"] = jax.tree_util.tree_map_with_path(stack, *layers)
     return params
+
+
+# Fused projections: one weight (and one dot) for q/k/v and one for gate/up, rows concatenated in this order.
+FUSED_PROJECTIONS: dict[str, tuple[str, ...]] = {"attn_qkv": ("attn_q", "attn_k", "attn_v"),
+                                                 "ffn_gate_up": ("ffn_gate", "ffn_up")}
+
+
+def _layer_subtrees(params: dict) -> list[str]:
+    return [k for k in params if k == "blk" or k.startswith("blk_")]
+
+
+def fuse_projections(params: dict, mesh, rules: ShardingRules = ShardingRules()) -> dict:
+    """Concatenate each layer's q/k/v and gate/up weights (out axis) into `attn_qkv` / `ffn_gate_up`.
+
+    Decode reads every weight once per token; on XLA:CPU each dot also has a fixed cost, so 4 dots
+    instead of 7 per layer is ~10% faster decoding for SmolLM2 (BENCHMARKS.md). Only for meshes whose
+    `model` axis has one device: sharded over `model`, a fused row block would cut across q/k/v.
+    Works on unrolled (`blk_N`) and stacked (`blk`, leading layer axis) params; returns a new tree.
+    """
+    if mesh.shape["model"] != 1:
+        raise ValueError("fused projections need a mesh whose model axis has one device")
+    out = dict(params)
+    for key in _layer_subtrees(params):
+        layer = dict(params[key])
+        for fused, parts in FUSED_PROJECTIONS.items():
+            leaves = [layer.pop(p)["weight"] for p in parts]
+            shape = (*leaves[0].shape[:-2], sum(x.shape[-2] for x in leaves), leaves[0].shape[-1])
+            axes = (None,) * (len(shape) - 2) + text_param_axes(f"{fused}.weight")
+            concat = jax.jit(lambda *xs: jnp.concatenate(xs, axis=-2),
+                             out_shardings=sharding_for(shape, axes, mesh, rules))
+            layer[fused] = {"weight": concat(*leaves)}
+        out[key] = layer
+    return out
+
+
+def split_projections(params: dict, cfg: TextConfig, mesh, rules: ShardingRules = ShardingRules()) -> dict:
+    """Inverse of `fuse_projections`: GGUF-named per-projection weights again (e.g. for a checkpoint)."""
+    sizes = {"attn_qkv": (cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim),
+             "ffn_gate_up": (cfg.ffn_dim, cfg.ffn_dim)}
+    out = dict(params)
+    for key in _layer_subtrees(params):
+        layer = dict(params[key])
+        for fused, parts in FUSED_PROJECTIONS.items():
+            if fused not in layer:
+                continue
+            w = layer.pop(fused)["weight"]
+            start = 0
+            for part, size in zip(parts, sizes[fused], strict=True):
+                shape = (*w.shape[:-2], size, w.shape[-1])
+                axes = (None,) * (len(shape) - 2) + text_param_axes(f"{part}.weight")
+                take = jax.jit(lambda x, s=start, n=size: x[..., s:s + n, :],
+                               out_shardings=sharding_for(shape, axes, mesh, rules))
+                layer[part] = {"weight": take(w)}
+                start += size
+        out[key] = layer
+    return out

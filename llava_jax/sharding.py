@@ -55,6 +55,9 @@ TEXT_PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "ffn_gate": ("ffw", "embed"),
     "ffn_up": ("ffw", "embed"),
     "ffn_down": ("embed", "ffw"),
+    # fused projections (params.fuse_projections; only made when the `model` axis has one device)
+    "attn_qkv": ("heads", "embed"),
+    "ffn_gate_up": ("ffw", "embed"),
 }
 KV_CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, S, Hkv, Dh]
 

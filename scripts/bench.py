@@ -22,8 +22,9 @@ llama.cpp runs through `llama-cpp-python` with 2 threads, an f32 KV cache, no fl
 model params `use_extra_bufts=False` (its repacked AMX CPU buffers crash on Q4_1 in these VMs) — the
 settings the references in ../shared/reference were made with.
 
-`--mode image` / `--mode batch` are placeholders for the image-encode and batch-throughput
-benchmarks (issues 3 and 5): add a `bench_image` / `bench_batch` next to `bench_text` below.
+`--mode image` (image encoding, scripts/bench_image.py) and `--mode batch` (batched generation
+throughput, scripts/bench_batch.py) live in their own files: each has `add_arguments(parser)` and
+`run(args) -> dict` (the mode's part of the JSON). Shared helpers are in scripts/bench_common.py.
 """
 
 from __future__ import annotations
@@ -31,14 +32,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import platform
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # bench_common and the mode modules beside this file
+from bench_common import Quiet, llama_cpp_without_extra_bufts, load_average, log, machine_info, summarize  # noqa: E402
 
 # The filler text the prompt is cut from (tokenized, repeated, truncated to --prompt-tokens ids).
 FILLER = (
@@ -48,77 +49,6 @@ FILLER = (
     "tensor compiler, which runs on top of vector instructions, caches and memory buses. Understanding "
     "where the time goes means looking through those layers again, one at a time. "
 )
-
-
-def log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def load_average() -> list[float]:
-    return [round(x, 2) for x in os.getloadavg()]
-
-
-def cpu_busy(interval: float = 0.3) -> float:
-    """Fraction of all cores busy (any process) over `interval` seconds, from /proc/stat."""
-    def snap():
-        with open("/proc/stat") as f:
-            v = [int(x) for x in f.readline().split()[1:]]
-        return sum(v), v[3] + v[4]  # total, idle + iowait
-
-    t0, i0 = snap()
-    time.sleep(interval)
-    t1, i1 = snap()
-    return 1.0 - (i1 - i0) / max(1, t1 - t0)
-
-
-class Quiet:
-    """Before each timed run, wait (up to `timeout` s) until the other processes leave the CPU idle.
-
-    The machine is shared; a 2-thread run next to someone's test suite measures the contention, not
-    the engine (llama.cpp's spinning threads suffer most: 4 tok/s instead of 40). Every wait's last
-    busy reading is recorded, so a result taken on a busy machine says so.
-    """
-
-    def __init__(self, timeout: float, threshold: float = 0.1):
-        self.timeout, self.threshold, self.readings = timeout, threshold, []
-
-    def wait(self) -> None:
-        if self.timeout <= 0:
-            return
-        t0 = time.perf_counter()
-        while True:
-            busy = cpu_busy()
-            if busy <= self.threshold or time.perf_counter() - t0 > self.timeout:
-                break
-        self.readings.append(round(busy, 2))
-
-    def summary(self) -> dict:
-        r = self.readings
-        return {"threshold": self.threshold, "timeout_s": self.timeout, "runs": len(r),
-                "max_busy_before_run": max(r, default=None), "busy_runs": sum(b > self.threshold for b in r)}
-
-
-def machine_info() -> dict:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-        mem_kb = int(Path("/proc/meminfo").read_text().split()[1])
-    except OSError:
-        mem_kb = 0
-    import jax
-
-    return {"cpu": cpu, "cores": os.cpu_count(), "mem_gib": round(mem_kb / 2**20, 1), "python": platform.python_version(),
-            "jax": jax.__version__, "backend": jax.default_backend()}
-
-
-def summarize(seconds: list[float], n_tokens: int) -> dict:
-    best = min(seconds)
-    return {"tokens": n_tokens, "best_s": round(best, 4), "median_s": round(statistics.median(seconds), 4),
-            "tps": round(n_tokens / best, 2), "median_tps": round(n_tokens / statistics.median(seconds), 2),
-            "runs_s": [round(s, 4) for s in seconds]}
 
 
 def make_prompt(tokenize, n_tokens: int) -> list[int]:
@@ -183,24 +113,12 @@ def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int, qui
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
 def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, threads: int, quiet: Quiet) -> dict:
-    import llama_cpp
-
-    # Repacked (AMX / extra) CPU buffers crash on Q4_1 in these VMs: turn them off for every load.
-    default_params = llama_cpp.llama_model_default_params
-
-    def no_extra_bufts():
-        params = default_params()
-        params.use_extra_bufts = False
-        return params
-
-    llama_cpp.llama_model_default_params = no_extra_bufts
-    try:
+    with llama_cpp_without_extra_bufts() as llama_cpp:
         t0 = time.perf_counter()
         llm = llama_cpp.Llama(model, n_ctx=len(prompt) + n_gen + 64, n_batch=512, n_ubatch=512, n_threads=threads,
                               n_threads_batch=threads, type_k=0, type_v=0, flash_attn=False, verbose=False)
         load_s = time.perf_counter() - t0
-    finally:
-        llama_cpp.llama_model_default_params = default_params
+    assert not llm.model_params.use_extra_bufts
     n_vocab = llm.n_vocab()
 
     def last_logits() -> np.ndarray:
@@ -291,7 +209,16 @@ def main(argv=None) -> int:
     ap.add_argument("--quiet-wait", type=float, default=120, metavar="S",
                     help="before each timed run wait up to S seconds for an idle CPU (0: don't wait)")
     ap.add_argument("-o", "--output", help="also write the JSON here")
+    modes = _mode_modules()
+    for module in modes.values():
+        module.add_arguments(ap.add_argument_group(f"--mode {module.MODE}"))
     args = ap.parse_args(argv)
+    if args.mode != "text":
+        if args.mode not in modes:
+            raise SystemExit(f"--mode {args.mode}: scripts/bench_{args.mode}.py is missing")
+        result = {"mode": args.mode, "machine": machine_info(), "argv": list(sys.argv[1:] if argv is None else argv)}
+        result |= modes[args.mode].run(args)
+        return _emit(result, args.output)
 
     from llava_jax.defaults import smollm2_path
 
@@ -306,16 +233,33 @@ def main(argv=None) -> int:
             log(f"wrote the F32 rewrite of {Path(models[0]).name} to {target} in {time.perf_counter() - t0:.1f} s")
         models.append(str(target))
 
-    result = {"mode": args.mode, "machine": machine_info(), "argv": sys.argv[1:],
+    result = {"mode": args.mode, "machine": machine_info(), "argv": list(sys.argv[1:] if argv is None else argv),
               "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "repeats": args.repeats}
-    if args.mode == "text":
-        result["results"] = bench_text(args, models)
-    else:  # issue 3 (image encode) / issue 5 (batch throughput) add theirs here
-        raise SystemExit(f"--mode {args.mode} is not implemented yet (see issues 3 and 5)")
+    result["results"] = bench_text(args, models)
+    return _emit(result, args.output)
+
+
+def _mode_modules() -> dict:
+    """The other modes' modules ({mode: module}), each with MODE, add_arguments(group) and run(args)."""
+    import importlib
+
+    modules = {}
+    for name in ("bench_image", "bench_batch"):
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as e:
+            if e.name != name:
+                raise
+            continue
+        modules[module.MODE] = module
+    return modules
+
+
+def _emit(result: dict, output: str | None) -> int:
     text = json.dumps(result, indent=1)
     print(text)
-    if args.output:
-        Path(args.output).write_text(text + "\n")
+    if output:
+        Path(output).write_text(text + "\n")
     return 0
 
 

@@ -12,6 +12,7 @@ O(0.1-10)).
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 from smollm2_model import shared_smollm2
@@ -127,7 +128,8 @@ def test_scan_layers_equals_unrolled(our_logits, smollm2_reference):
 
     scanned = llava_jax.load(scan_layers=True)
     assert "blk" in scanned.engine.params and "blk_0" not in scanned.engine.params
-    assert scanned.engine.params["blk"]["attn_q"]["weight"].shape == (30, 576, 576)
+    assert scanned.engine.params["blk"]["attn_qkv"]["weight"].shape == (30, 576 + 2 * 192, 576)  # fused q/k/v
+    assert scanned.engine.canonical_params()["blk"]["attn_q"]["weight"].shape == (30, 576, 576)
     for i in (1, 4):
         diff = np.abs(scanned.logits(smollm2_reference[i]["ids"]) - our_logits[i]).max()
         print(f"prompt {i}: scanned vs unrolled max abs logit diff {diff:.3g}")
@@ -145,9 +147,33 @@ def test_bf16_sanity(smollm2_reference):
     import llava_jax
 
     llm = llava_jax.load(dtype="bf16")
-    assert llm.engine.params["blk_0"]["attn_q"]["weight"].dtype == jnp.bfloat16
+    assert llm.engine.params["blk_0"]["attn_qkv"]["weight"].dtype == jnp.bfloat16
     assert llm.engine.params["blk_0"]["attn_norm"]["weight"].dtype == jnp.float32
     r = smollm2_reference[0]
     res = llm.generate(r["prompt"], max_new_tokens=8, temperature=0)
     assert len(res.token_ids) == 8
     assert res.token_ids[:4] == r["greedy_ids"][:4]
+
+
+@pytest.mark.slow
+def test_fused_projections_equal_separate(our_logits, smollm2_reference):
+    """One q/k/v weight and one gate/up weight per layer (the default on a model-axis-1 mesh) vs GGUF's
+    separate weights: the same products, but XLA may block the longer dots differently, so 1e-5; the
+    fused weights split back into exactly GGUF's tensors."""
+    import llava_jax
+    from llava_jax.generate import TextEngine
+
+    llm = llava_jax.load()
+    eng = llm.engine
+    assert eng.model.fused_projections and "attn_qkv" in eng.params["blk_0"] and "attn_q" not in eng.params["blk_0"]
+    canonical = eng.canonical_params()
+    separate = TextEngine(eng.cfg, canonical, eng.mesh, eng.dtype, fuse_projections=False)
+    assert not separate.model.fused_projections and "attn_q" in separate.params["blk_0"]
+    refused = TextEngine(eng.cfg, canonical, eng.mesh, eng.dtype)
+    for a, b in zip(jax.tree_util.tree_leaves(refused.params), jax.tree_util.tree_leaves(eng.params), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    llm.engine = separate
+    for i in (0, 3):
+        diff = np.abs(llm.logits(smollm2_reference[i]["ids"]) - our_logits[i]).max()
+        print(f"prompt {i}: separate vs fused projections max abs logit diff {diff:.3g}")
+        assert diff < 1e-5, (i, diff)
