@@ -44,6 +44,29 @@ def bucket(n: int, minimum: int = 32, linear_from: int = 512) -> int:
     return -(-n // linear_from) * linear_from
 
 
+@dataclass(frozen=True)
+class Buckets:
+    """The shape buckets a session compiles for (each distinct shape is one more XLA compile).
+
+    Prompt lengths round up to a power of two >= `minimum`, and above `step` to a multiple of `step`;
+    KV-cache lengths and attention windows likewise, with at least 256 columns. Smaller buckets waste
+    less padding and compile more programs. Both must be powers of two, minimum <= step.
+    """
+
+    minimum: int = 32
+    step: int = 512
+
+    def __post_init__(self):
+        for name, v in (("minimum", self.minimum), ("step", self.step)):
+            if v < 1 or v & (v - 1):
+                raise LlavaError(f"bucket {name} must be a power of two >= 1, got {v}")
+        if self.minimum > self.step:
+            raise LlavaError(f"bucket minimum {self.minimum} is larger than the bucket step {self.step}")
+
+    def __call__(self, n: int, minimum: int | None = None) -> int:
+        return bucket(n, self.minimum if minimum is None else minimum, self.step)
+
+
 @dataclass
 class Timings:
     """Seconds and counts of one generate call (compile time kept apart from evaluation)."""
@@ -100,11 +123,12 @@ class TextEngine:
     """Jitted prefill / decode over one decoder's params on one mesh."""
 
     def __init__(self, cfg: TextConfig, params: dict, mesh, dtype, scan_layers: bool = False,
-                 rules: ShardingRules = ShardingRules(), chunk: int = 16, fuse_projections: bool | None = None):
+                 rules: ShardingRules = ShardingRules(), chunk: int = 16, fuse_projections: bool | None = None,
+                 buckets: Buckets = Buckets()):
         """params: GGUF-named (`params.load_text_params`). fuse_projections (default: when the mesh's
         `model` axis has one device) replaces them by `params.fuse_projections`' layout, kept in
         `self.params`; `canonical_params()` gives the GGUF-named layout back."""
-        self.cfg, self.mesh, self.dtype, self.rules, self.chunk = cfg, mesh, dtype, rules, chunk
+        self.cfg, self.mesh, self.dtype, self.rules, self.chunk, self.buckets = cfg, mesh, dtype, rules, chunk, buckets
         if fuse_projections is None:
             fuse_projections = mesh.shape["model"] == 1
         self.params = fuse(params, mesh, rules) if fuse_projections else params
@@ -199,7 +223,7 @@ class TextEngine:
     def logits(self, ids: Sequence[int]) -> np.ndarray:
         """Teacher-forced f32 logits [len(ids), V] for one sequence (no images)."""
         n = len(ids)
-        tb = bucket(n)
+        tb = self.buckets(n)
         tokens = np.zeros((1, tb), np.int32)
         tokens[0, :n] = ids
         positions = np.arange(tb, dtype=np.int32)[None]
@@ -227,9 +251,9 @@ class TextEngine:
                 raise LlavaError(f"prompt is {n} tokens ({n - n_img} text + {n_img} image), context is {n_ctx}: "
                                  f"pass a larger -c (at most {self.cfg.context_length})")
         limits = [min(r.max_new_tokens, n_ctx - n) for r, n in zip(requests, lengths, strict=True)]
-        tb = bucket(max(lengths))
+        tb = self.buckets(max(lengths))
         total = tb + max(limits) + self.chunk
-        cache_len = bucket(total, minimum=256)
+        cache_len = self.buckets(total, minimum=256)
 
         tokens = np.zeros((b, tb), np.int32)
         kv_start = np.array([tb - n for n in lengths], np.int32)
@@ -256,7 +280,7 @@ class TextEngine:
             # 768 rather than 1024 columns for 512 + 128 tokens: decode attention costs ~6 us per
             # column per token here (30 layers, memory-bound).
             cache_len = min(cache_len, -(-total // 256) * 256)
-            length = min(cache_len, bucket(tb + self.chunk, minimum=256))
+            length = min(cache_len, self.buckets(tb + self.chunk, minimum=256))
         else:
             length = cache_len
         cache = self.new_cache(b, length, per_layer=self.per_layer_cache)
@@ -279,7 +303,7 @@ class TextEngine:
         column = tb
         kv_start_dev = self._batch_array(kv_start)
         while not all(finished):
-            window = min(cache_len, bucket(column + self.chunk, minimum=256))
+            window = min(cache_len, self.buckets(column + self.chunk, minimum=256))
             if self.per_layer_cache and window > length:  # (runs asynchronously: timed with the chunk below)
                 cache, length = self._compile(self._grow, "grow", timings, cache, length=window)(cache), window
             static = dict(n_steps=self.chunk, kv_window=window, sampling=sampling)

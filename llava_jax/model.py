@@ -22,7 +22,7 @@ import numpy as np
 
 from llava_jax.config import TextConfig
 from llava_jax.errors import LlavaError
-from llava_jax.generate import IMAGE_PLACEHOLDER, Request, TextEngine, Timings
+from llava_jax.generate import IMAGE_PLACEHOLDER, Buckets, Request, TextEngine, Timings
 from llava_jax.gguf_io import open_gguf
 from llava_jax.params import load_text_params
 from llava_jax.sampling import SamplingParams, initial_key
@@ -277,7 +277,8 @@ class _RowText:
 
 
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, dtype=None, mesh=None,
-         n_ctx: int | None = None, scan_layers: bool | None = None, clip_compat: str = "llava") -> Llava:
+         n_ctx: int | None = None, scan_layers: bool | None = None, clip_compat: str = "llava",
+         buckets: Buckets | None = None) -> Llava:
     """Load a GGUF language model (default: the embedded SmolLM2) and optionally an mmproj file.
 
     model: a GGUF file, or a directory written by `Llava.save_orbax` (restored straight into the mesh's
@@ -287,6 +288,8 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     n_ctx: context length (default min(4096, the model's); 0 = the model's).
     scan_layers: scan over stacked layers (default: unrolled on CPU, scanned elsewhere).
     clip_compat: "llava" (LLaVA's own image semantics) or "llama.cpp" (its mtmd graph).
+    buckets: the compiled prompt / cache length buckets (`generate.Buckets`; default 32..512 by powers
+        of two, then multiples of 512).
     """
     from llava_jax import checkpoint
     from llava_jax.defaults import smollm2_path
@@ -330,7 +333,7 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     if text_params is None:
         text_params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers)
     jax.block_until_ready(text_params)
-    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers)
+    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers, buckets=buckets or Buckets())
     return Llava(path, metadata, tensor_names, tokenizer, engine, n_ctx, image_encoder, time.perf_counter() - t0)
 
 

@@ -47,6 +47,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh DATAxMODEL, e.g. 2x4 (default: one device)")
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
                    help="scan over stacked layers (auto: off on CPU, on elsewhere)")
+    p.add_argument("--bucket-min", type=int, default=32,
+                   help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
+    p.add_argument("--bucket-step", type=int, default=512,
+                   help="above this length, prompt / cache lengths round up to multiples of it (fewer compiles vs less padding)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of streaming")
     return p
 
@@ -76,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     import llava_jax
+    from llava_jax.generate import Buckets
     from llava_jax.sharding import parse_mesh
 
     if args.file:
@@ -101,7 +106,8 @@ def _run(args) -> int:
         raise LlavaError("--image needs an mmproj file: pass --mmproj FILE (or --default-mmproj)")
     scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=parse_mesh(args.mesh),
-                         n_ctx=args.ctx_size, scan_layers=scan, clip_compat=args.clip_compat)
+                         n_ctx=args.ctx_size, scan_layers=scan, clip_compat=args.clip_compat,
+                         buckets=Buckets(args.bucket_min, args.bucket_step))
     images = []
     if args.image:
         from llava_jax.images import load_image

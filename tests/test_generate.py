@@ -13,7 +13,7 @@ import pytest
 from smollm2_model import shared_smollm2
 
 from llava_jax.errors import LlavaError
-from llava_jax.generate import bucket
+from llava_jax.generate import Buckets, bucket
 
 pytestmark = pytest.mark.slow
 
@@ -164,3 +164,31 @@ def test_bucketing_reuses_compiled_programs(llm, smollm2_reference):
     added = set(engine._compiled) - before
     assert [sig[0] for sig in added] in (["prefill"], []), [sig[0] for sig in added]
     assert (res.timings.compile_s > 0.0) == bool(added)
+
+
+def test_bucket_policy():
+    """`Buckets` (the --bucket-min / --bucket-step flags): powers of two from the minimum, then multiples of
+    the step; invalid policies are refused with one clear error."""
+    b = Buckets(64, 256)
+    assert [b(n) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 768]
+    assert b(10, minimum=256) == 256 and b(300, minimum=256) == 512
+    assert Buckets()(33) == bucket(33) == 64  # the default policy is the module's bucket()
+    for bad in ((3, 512), (64, 100), (1024, 512), (0, 512)):
+        with pytest.raises(LlavaError, match="bucket"):
+            Buckets(*bad)
+
+
+def test_custom_buckets_same_tokens(llm, smollm2_reference):
+    """A different bucket policy changes only the padding (other compiled shapes), not the result."""
+    r = smollm2_reference[1]  # 19 tokens: the 32 bucket by default, 128 with minimum 128
+    engine = llm.engine
+    saved = engine.buckets
+    try:
+        engine.buckets = Buckets(128, 512)
+        before = set(engine._compiled)
+        res = llm.generate(r["prompt"], max_new_tokens=8, temperature=0)
+        added = {sig for sig in set(engine._compiled) - before if sig[0] == "prefill"}
+        assert any(shape == (1, 128) for sig in added for shape, _ in sig[2]), added
+    finally:
+        engine.buckets = saved
+    assert res.token_ids == r["greedy_ids"][:8]
