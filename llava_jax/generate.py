@@ -220,15 +220,26 @@ class TextEngine:
         axes = ("batch",) + (None,) * (x.ndim - 1)
         return jax.device_put(x, sharding_for(x.shape, axes, self.mesh, self.rules))
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """Teacher-forced f32 logits [len(ids), V] for one sequence (no images)."""
+    def logits(self, ids: Sequence[int], image_embeds: np.ndarray | None = None) -> np.ndarray:
+        """Teacher-forced f32 logits [len(ids), V] for one sequence.
+
+        ids may hold IMAGE_PLACEHOLDER slots, filled in order by the rows of image_embeds [N, D].
+        """
         n = len(ids)
+        n_slots = sum(t == IMAGE_PLACEHOLDER for t in ids)
+        n_rows = 0 if image_embeds is None else len(image_embeds)
+        if n_slots != n_rows:
+            raise LlavaError(f"{n_slots} image placeholders in the tokens but {n_rows} image embedding rows")
         tb = self.buckets(n)
         tokens = np.zeros((1, tb), np.int32)
         tokens[0, :n] = ids
         positions = np.arange(tb, dtype=np.int32)[None]
         cache = self.new_cache(1, tb)
-        args = (self.params, tokens, positions, cache, np.int32(0), np.zeros(1, np.int32), None, None)
+        embeds = None
+        if n_rows:
+            embeds = np.zeros((1, bucket(n_rows, minimum=64), self.cfg.dim), np.float32)
+            embeds[0, :n_rows] = image_embeds
+        args = (self.params, tokens, positions, cache, np.int32(0), np.zeros(1, np.int32), embeds, None)
         out, _ = self._compile(self._forward, "logits", None, *args, kv_window=tb)(*args)
         return np.asarray(out[0, :n])
 

@@ -81,14 +81,21 @@ class Llava:
     def detokenize(self, ids: Sequence[int]) -> str:
         return self.tokenizer.decode([i for i in ids if i >= 0])
 
-    def logits(self, ids: Sequence[int]) -> np.ndarray:
-        """f32 [len(ids), vocab]: teacher-forced logits of a token sequence."""
+    def logits(self, ids: Sequence[int], images: Sequence = (), image_embeds: Sequence[np.ndarray] = ()) -> np.ndarray:
+        """f32 [len(ids), vocab]: teacher-forced logits of a token sequence.
+
+        Image rows go where ids hold IMAGE_PLACEHOLDER (-1), in order: the embeddings of `images` (PIL
+        images or paths, encoded here) or given `image_embeds` arrays [N_i, D], one per image.
+        (`build_request(prompt, images).tokens` is such a sequence for a prompt with images.)
+        """
         ids = list(ids)
         if not ids:
             raise LlavaError("logits() needs at least one token")
         if len(ids) > self.n_ctx:
             raise LlavaError(f"{len(ids)} tokens do not fit the context of {self.n_ctx}")
-        return self.engine.logits(ids)
+        embeds = list(image_embeds) + (self.embed_images(list(images)) if images else [])
+        rows = np.concatenate([np.asarray(e, np.float32) for e in embeds]) if embeds else None
+        return self.engine.logits(ids, rows)
 
     # ---- images -------------------------------------------------------------------------------------
     def _require_vision(self):

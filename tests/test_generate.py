@@ -192,3 +192,23 @@ def test_custom_buckets_same_tokens(llm, smollm2_reference):
     finally:
         engine.buckets = saved
     assert res.token_ids == r["greedy_ids"][:8]
+
+
+def test_logits_with_image_rows(llm, smollm2_reference):
+    """`logits(ids, image_embeds=...)` puts the rows at the placeholder slots, in order: giving a prompt's own
+    token-embedding rows as "image" rows reproduces its plain logits (only the merge differs: 1e-6)."""
+    import numpy as np
+
+    from llava_jax.generate import IMAGE_PLACEHOLDER
+
+    ids = list(smollm2_reference[1]["ids"])
+    table = np.asarray(llm.engine.params["token_embd"]["weight"])
+    slots = [2, 3, 4, 9]
+    with_slots = [IMAGE_PLACEHOLDER if i in slots else t for i, t in enumerate(ids)]
+    rows = [table[[ids[i] for i in slots[:3]]], table[[ids[slots[3]]]]]  # two "images": 3 rows and 1 row
+    merged = llm.logits(with_slots, image_embeds=rows)
+    np.testing.assert_allclose(merged, llm.logits(ids), atol=1e-6, rtol=0)
+    shuffled = llm.logits(with_slots, image_embeds=rows[::-1])  # other rows at the slots: other logits
+    assert np.abs(shuffled[slots[0]:] - merged[slots[0]:]).max() > 1e-2
+    with pytest.raises(LlavaError, match="4 image placeholders"):
+        llm.logits(with_slots, image_embeds=rows[:1])
