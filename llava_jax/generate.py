@@ -35,7 +35,7 @@ from llava_jax.text import Decoder, KVCache, per_layer_axes, per_layer_shapes
 IMAGE_PLACEHOLDER = -1  # token id marking an image-embedding row in a prompt
 
 
-def bucket(n: int, minimum: int = 32, linear_from: int = 512) -> int:
+def bucket(n: int, minimum: int = 32, linear_from: int = 256) -> int:
     """Round n up to a power of two (>= minimum), or to a multiple of linear_from above it."""
     if n <= minimum:
         return minimum
@@ -54,7 +54,7 @@ class Buckets:
     """
 
     minimum: int = 32
-    step: int = 512
+    step: int = 256
 
     def __post_init__(self):
         for name, v in (("minimum", self.minimum), ("step", self.step)):

@@ -295,8 +295,8 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     n_ctx: context length (default min(4096, the model's); 0 = the model's).
     scan_layers: scan over stacked layers (default: unrolled on CPU, scanned elsewhere).
     clip_compat: "llava" (LLaVA's own image semantics) or "llama.cpp" (its mtmd graph).
-    buckets: the compiled prompt / cache length buckets (`generate.Buckets`; default 32..512 by powers
-        of two, then multiples of 512).
+    buckets: the compiled prompt / cache length buckets (`generate.Buckets`; default 32..256 by powers
+        of two, then multiples of 256).
     """
     from llava_jax import checkpoint
     from llava_jax.defaults import smollm2_path

@@ -49,7 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="scan over stacked layers (auto: off on CPU, on elsewhere)")
     p.add_argument("--bucket-min", type=int, default=32,
                    help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
-    p.add_argument("--bucket-step", type=int, default=512,
+    p.add_argument("--bucket-step", type=int, default=256,
                    help="above this length, prompt / cache lengths round up to multiples of it (fewer compiles vs less padding)")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of streaming")
     return p

@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto")
     p.add_argument("--bucket-min", type=int, default=32,
                    help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
-    p.add_argument("--bucket-step", type=int, default=512,
+    p.add_argument("--bucket-step", type=int, default=256,
                    help="above this length, prompt / cache lengths round up to multiples of it (fewer compiles vs less padding)")
     p.add_argument("--save-orbax", help="write the loaded params as an Orbax weight cache to this directory and exit")
     p.add_argument("--num-processes", type=int, default=1)

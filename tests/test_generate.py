@@ -169,9 +169,10 @@ def test_bucketing_reuses_compiled_programs(llm, smollm2_reference):
 def test_bucket_policy():
     """`Buckets` (the --bucket-min / --bucket-step flags): powers of two from the minimum, then multiples of
     the step; invalid policies are refused with one clear error."""
-    b = Buckets(64, 256)
-    assert [b(n) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 768]
-    assert b(10, minimum=256) == 256 and b(300, minimum=256) == 512
+    b = Buckets(64, 512)
+    assert [b(n) for n in (1, 64, 65, 200, 256, 257, 600)] == [64, 64, 128, 256, 256, 512, 1024]
+    assert [Buckets()(n) for n in (5, 33, 256, 257, 600, 1025)] == [32, 64, 256, 512, 768, 1280]
+    assert b(10, minimum=256) == 256 and b(300, minimum=256) == 512 and b(600, minimum=256) == 1024
     assert Buckets()(33) == bucket(33) == 64  # the default policy is the module's bucket()
     for bad in ((3, 512), (64, 100), (1024, 512), (0, 512)):
         with pytest.raises(LlavaError, match="bucket"):
@@ -184,7 +185,7 @@ def test_custom_buckets_same_tokens(llm, smollm2_reference):
     engine = llm.engine
     saved = engine.buckets
     try:
-        engine.buckets = Buckets(128, 512)
+        engine.buckets = Buckets(128, 256)
         before = set(engine._compiled)
         res = llm.generate(r["prompt"], max_new_tokens=8, temperature=0)
         added = {sig for sig in set(engine._compiled) - before if sig[0] == "prefill"}
