@@ -101,8 +101,7 @@ def stack_layers(params: dict, n_layers: int, mesh, rules: ShardingRules) -> dic
     def stack(path, *leaves):
         name = f"blk.0.{'.'.join(k.key for k in path)}"
         axes = (None, *text_param_axes(name))
-        return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=sharding_for((n_layers, *leaves[0].shape), axes, mesh,
-                                                                              rules))(*leaves)
+        return _stack(sharding_for((n_layers, *leaves[0].shape), axes, mesh, rules))(*leaves)
 
     params["blk"] = jax.tree_util.tree_map_with_path(stack, *layers)
     return params
@@ -134,9 +133,7 @@ def fuse_projections(params: dict, mesh, rules: ShardingRules = ShardingRules())
             leaves = [layer.pop(p)["weight"] for p in parts]
             shape = (*leaves[0].shape[:-2], sum(x.shape[-2] for x in leaves), leaves[0].shape[-1])
             axes = (None,) * (len(shape) - 2) + text_param_axes(f"{fused}.weight")
-            concat = jax.jit(lambda *xs: jnp.concatenate(xs, axis=-2),
-                             out_shardings=sharding_for(shape, axes, mesh, rules))
-            layer[fused] = {"weight": concat(*leaves)}
+            layer[fused] = {"weight": _concat_rows(sharding_for(shape, axes, mesh, rules))(*leaves)}
         out[key] = layer
     return out
 
@@ -156,9 +153,24 @@ def split_projections(params: dict, cfg: TextConfig, mesh, rules: ShardingRules 
             for part, size in zip(parts, sizes[fused], strict=True):
                 shape = (*w.shape[:-2], size, w.shape[-1])
                 axes = (None,) * (len(shape) - 2) + text_param_axes(f"{part}.weight")
-                take = jax.jit(lambda x, s=start, n=size: x[..., s:s + n, :],
-                               out_shardings=sharding_for(shape, axes, mesh, rules))
-                layer[part] = {"weight": take(w)}
+                layer[part] = {"weight": _take_rows(start, size, sharding_for(shape, axes, mesh, rules))(w)}
                 start += size
         out[key] = layer
     return out
+
+
+# One jitted function per output sharding / row range (jit caches the compiled shapes): a fresh lambda
+# per layer would retrace and recompile each time (~2 s of load time for 30 layers).
+@cache
+def _stack(out_sharding: NamedSharding):
+    return jax.jit(lambda *xs: jnp.stack(xs), out_shardings=out_sharding)
+
+
+@cache
+def _concat_rows(out_sharding: NamedSharding):
+    return jax.jit(lambda *xs: jnp.concatenate(xs, axis=-2), out_shardings=out_sharding)
+
+
+@cache
+def _take_rows(start: int, size: int, out_sharding: NamedSharding):
+    return jax.jit(lambda x: x[..., start:start + size, :], out_shardings=out_sharding)
