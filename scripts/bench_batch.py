@@ -41,7 +41,7 @@ import time
 from dataclasses import dataclass
 
 import numpy as np
-from bench_common import Quiet, llama_cpp_without_extra_bufts, load_average, log, summarize
+from bench_common import Quiet, llama_cpp_without_extra_bufts, load_average, log, silence_mtmd_logs, summarize
 
 MODE = "batch"
 
@@ -199,21 +199,16 @@ def bench_llava_jax(llm, items: list[Item], batch_sizes: list[int], n_new: int, 
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
-_LOG_CALLBACK = None  # kept alive: llama.cpp holds the pointer
 
 
 class LlamaCppMtmd:
     """llama-cpp-python + mtmd, answering one (image, prompt) at a time, greedily, EOS ignored."""
 
     def __init__(self, model: str, mmproj: str, n_ctx: int, threads: int):
-        global _LOG_CALLBACK
         import llama_cpp.mtmd_cpp as mtmd
 
         with llama_cpp_without_extra_bufts() as llama_cpp:
-            if _LOG_CALLBACK is None:
-                _LOG_CALLBACK = llama_cpp.llama_log_callback(lambda level, text, user: None)
-                mtmd.mtmd_helper_log_set(_LOG_CALLBACK, None)
-                mtmd.mtmd_log_set(_LOG_CALLBACK, None)
+            silence_mtmd_logs()
             t0 = time.perf_counter()
             self.llm = llama_cpp.Llama(model, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=threads,
                                        n_threads_batch=threads, type_k=0, type_v=0, flash_attn=False, verbose=False)

@@ -104,3 +104,18 @@ def llama_cpp_without_extra_bufts():
         yield llama_cpp
     finally:
         low_level.llama_model_default_params = default_params
+
+
+_MTMD_LOG_SINK = None  # the ctypes callback must stay alive: llama.cpp keeps the pointer
+
+
+def silence_mtmd_logs() -> None:
+    """Send mtmd's (clip / image) log lines nowhere; once per process."""
+    global _MTMD_LOG_SINK
+    if _MTMD_LOG_SINK is None:
+        import llama_cpp
+        import llama_cpp.mtmd_cpp as mtmd
+
+        _MTMD_LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user: None)
+        mtmd.mtmd_helper_log_set(_MTMD_LOG_SINK, None)
+        mtmd.mtmd_log_set(_MTMD_LOG_SINK, None)

@@ -36,7 +36,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-from bench_common import Quiet, llama_cpp_without_extra_bufts, load_average, log, summarize
+from bench_common import Quiet, llama_cpp_without_extra_bufts, load_average, log, silence_mtmd_logs, summarize
 
 MODE = "image"
 
@@ -175,19 +175,14 @@ def bench_llava_jax(model: str, mmproj: Path, compat: str, anyres: bool, repeats
 
 
 # ---- llama.cpp ------------------------------------------------------------------------------------
-_LOG_SINK = None  # keeps the ctypes log callback alive
 
 
 def bench_llama_cpp(model: str, mmproj: Path, images: dict, repeats: int, threads: int, quiet: Quiet):
     """(result dict, {image name: the first run's embeddings, chunks concatenated})."""
-    global _LOG_SINK
     with llama_cpp_without_extra_bufts() as llama_cpp:
         import llama_cpp.mtmd_cpp as mtmd
 
-        if _LOG_SINK is None:
-            _LOG_SINK = llama_cpp.llama_log_callback(lambda level, text, user: None)
-            mtmd.mtmd_helper_log_set(_LOG_SINK, None)
-            mtmd.mtmd_log_set(_LOG_SINK, None)
+        silence_mtmd_logs()
         t0 = time.perf_counter()
         llm = llama_cpp.Llama(model, n_ctx=256, n_threads=threads, n_threads_batch=threads, verbose=False)
         params = mtmd.mtmd_context_params_default()

@@ -3,22 +3,13 @@ encode the same images and the JSON is well-formed (speed is not asserted)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import pytest
-
-REPO = Path(__file__).resolve().parents[1]
+from bench_script import load_bench
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
-
-
-def load_bench():
-    spec = importlib.util.spec_from_file_location("bench", REPO / "scripts" / "bench.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    return bench
 
 
 def test_bench_image_smoke(smollm2_path, tmp_path, monkeypatch, capsys):
