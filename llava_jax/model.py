@@ -285,11 +285,12 @@ class _RowText:
 
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, dtype=None, mesh=None,
          n_ctx: int | None = None, scan_layers: bool | None = None, clip_compat: str = "llava",
-         buckets: Buckets | None = None) -> Llava:
+         buckets: Buckets | None = None, decode_chunk: int = 16) -> Llava:
     """Load a GGUF language model (default: the embedded SmolLM2) and optionally an mmproj file.
 
     model: a GGUF file, or a directory written by `Llava.save_orbax` (restored straight into the mesh's
-        shardings; its dtype, layer layout and image encoder come from the checkpoint).
+        shardings; its dtype, layer layout and image encoder come from the checkpoint: a different
+        `dtype` or `scan_layers` asked for is an error).
     dtype: compute dtype ("f32", "bf16", "f16" or a jnp dtype; default f32 on CPU, bf16 on GPU/TPU).
     mesh: a `jax.sharding.Mesh` with axes ("data", "model") (default: one device).
     n_ctx: context length (default min(4096, the model's); 0 = the model's).
@@ -297,6 +298,7 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     clip_compat: "llava" (LLaVA's own image semantics) or "llama.cpp" (its mtmd graph).
     buckets: the compiled prompt / cache length buckets (`generate.Buckets`; default 32..256 by powers
         of two, then multiples of 256).
+    decode_chunk: decode steps per jitted `lax.scan` call (one host sync each: text streams this often).
     """
     from llava_jax import checkpoint
     from llava_jax.defaults import smollm2_path
@@ -307,7 +309,14 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     if checkpoint.is_checkpoint(path):
         params, meta = checkpoint.restore(path, mesh)
         metadata, tensor_names = meta["text_metadata"], set(meta["text_tensors"])
-        compute, scan_layers = jnp.dtype(meta["dtype"]), meta["scan_layers"]
+        compute = jnp.dtype(meta["dtype"])
+        if dtype is not None and resolve_dtype(dtype) != compute:
+            raise LlavaError(f"{path} holds {compute.name} params, not {resolve_dtype(dtype).name}: "
+                             "write the cache again with that --dtype (or drop --dtype)")
+        if scan_layers is not None and scan_layers != meta["scan_layers"]:
+            raise LlavaError(f"{path} holds {'scanned' if meta['scan_layers'] else 'unrolled'} layers: "
+                             "write the cache again with that --scan-layers (or leave it on auto)")
+        scan_layers = meta["scan_layers"]
     else:
         gguf = open_gguf(path)
         metadata, tensor_names = gguf.metadata, set(gguf.tensors)
@@ -340,7 +349,9 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     if text_params is None:
         text_params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers)
     jax.block_until_ready(text_params)
-    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers, buckets=buckets or Buckets())
+    if decode_chunk < 1:
+        raise LlavaError(f"decode chunk must be >= 1, got {decode_chunk}")
+    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers, chunk=decode_chunk, buckets=buckets or Buckets())
     return Llava(path, metadata, tensor_names, tokenizer, engine, n_ctx, image_encoder, time.perf_counter() - t0)
 
 

@@ -103,14 +103,14 @@ def run(args) -> int:
         mmproj = default_mmproj_path()
     scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=mesh, n_ctx=args.ctx_size,
-                         scan_layers=scan, clip_compat=args.clip_compat, buckets=Buckets(args.bucket_min, args.bucket_step))
+                         scan_layers=scan, clip_compat=args.clip_compat, buckets=Buckets(args.bucket_min, args.bucket_step),
+                         # decode chunks no longer than the answers (the first token comes from prefill)
+                         decode_chunk=max(1, min(16, args.max_new_tokens - 1)) if args.max_new_tokens > 0 else 16)
     print(f"batch_eval: loaded in {llm.load_s:.2f} s", file=sys.stderr)
     if args.save_orbax:
         llm.save_orbax(args.save_orbax)
         print(f"batch_eval: Orbax weight cache written to {args.save_orbax}", file=sys.stderr)
         return 0
-    if args.max_new_tokens > 0:  # decode chunks no longer than the answers (the first token comes from prefill)
-        llm.engine.chunk = max(1, min(llm.engine.chunk, args.max_new_tokens - 1))
     if not args.questions or not args.answers:
         raise LlavaError("--questions and --answers are required")
     questions = ev.read_questions(args.questions)

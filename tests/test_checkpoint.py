@@ -117,6 +117,16 @@ def test_cli_save_orbax_unrolled_text_only(tmp_path, smollm2_path, capsys):
               f"Orbax restore {times['orbax'][-1]:.2f} s (first {times['orbax'][0]:.2f})")
 
 
+def test_checkpoint_layout_conflicts_are_errors(saved):
+    """The cache holds one dtype and one layer layout; asking for another is one clear error, not ignored."""
+    _, d, _ = saved
+    with pytest.raises(LlavaError, match="holds float32 params, not bfloat16"):
+        llava_jax.load(d, dtype="bf16")
+    with pytest.raises(LlavaError, match="holds scanned layers"):
+        llava_jax.load(d, scan_layers=False)
+    assert llava_jax.load(d, dtype="f32", scan_layers=True).engine.model.scan_layers
+
+
 def test_not_a_checkpoint(tmp_path):
     (tmp_path / "meta.json").write_text("{}")
     with pytest.raises(LlavaError, match="not a llava_jax Orbax checkpoint"):
