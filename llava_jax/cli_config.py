@@ -98,3 +98,21 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
         values |= {k: [] for k in appended if getattr(given, k)}  # the final parse appends the flags' items
     parser.set_defaults(**values)
     return parser.parse_args(argv)
+
+
+def add_bucket_flags(parser: argparse.ArgumentParser) -> None:
+    """--bucket-min / --bucket-step (config keys bucket_min / bucket_step), defaults from `generate.Buckets`."""
+    from llava_jax.generate import Buckets
+
+    parser.add_argument("--bucket-min", type=int, default=Buckets.minimum,
+                        help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
+    parser.add_argument("--bucket-step", type=int, default=Buckets.step,
+                        help="above this length, prompt / cache lengths round up to multiples of it "
+                             "(fewer compiles vs less padding)")
+
+
+def buckets_from_args(args: argparse.Namespace):
+    """The `generate.Buckets` the bucket flags ask for (a bad policy raises LlavaError)."""
+    from llava_jax.generate import Buckets
+
+    return Buckets(args.bucket_min, args.bucket_step)

@@ -14,6 +14,7 @@ import argparse
 import json
 import sys
 
+from llava_jax.cli_config import add_bucket_flags, buckets_from_args
 from llava_jax.errors import LlavaError, run_cli
 
 
@@ -47,10 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="device mesh DATAxMODEL, e.g. 2x4 (default: one device)")
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
                    help="scan over stacked layers (auto: off on CPU, on elsewhere)")
-    p.add_argument("--bucket-min", type=int, default=32,
-                   help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
-    p.add_argument("--bucket-step", type=int, default=256,
-                   help="above this length, prompt / cache lengths round up to multiples of it (fewer compiles vs less padding)")
+    add_bucket_flags(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of streaming")
     return p
 
@@ -80,7 +78,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _run(args) -> int:
     import llava_jax
-    from llava_jax.generate import Buckets
     from llava_jax.sharding import parse_mesh
 
     if args.file:
@@ -107,7 +104,7 @@ def _run(args) -> int:
     scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=parse_mesh(args.mesh),
                          n_ctx=args.ctx_size, scan_layers=scan, clip_compat=args.clip_compat,
-                         buckets=Buckets(args.bucket_min, args.bucket_step))
+                         buckets=buckets_from_args(args))
     images = []
     if args.image:
         from llava_jax.images import load_image

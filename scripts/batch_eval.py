@@ -17,6 +17,8 @@ from pathlib import Path
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from llava_jax.cli_config import add_bucket_flags
+
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=[],
                    help="TOML file of flag values (configs/; repeatable, later wins); flags override it")
@@ -42,10 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=["f32", "bf16", "f16"])
     p.add_argument("--mesh", help="local device mesh DATAxMODEL (default 1x1)")
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto")
-    p.add_argument("--bucket-min", type=int, default=32,
-                   help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
-    p.add_argument("--bucket-step", type=int, default=256,
-                   help="above this length, prompt / cache lengths round up to multiples of it (fewer compiles vs less padding)")
+    add_bucket_flags(p)
     p.add_argument("--save-orbax", help="write the loaded params as an Orbax weight cache to this directory and exit")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -92,7 +91,7 @@ def run(args) -> int:
                                    process_id=args.process_id, local_device_ids=None)
     import llava_jax
     from llava_jax import evaluation as ev
-    from llava_jax.generate import Buckets
+    from llava_jax.cli_config import buckets_from_args
     from llava_jax.sharding import make_mesh
 
     mesh = make_mesh(*mesh_shape, devices=jax.local_devices())  # each process: its own devices, its own slice
@@ -103,7 +102,7 @@ def run(args) -> int:
         mmproj = default_mmproj_path()
     scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=mesh, n_ctx=args.ctx_size,
-                         scan_layers=scan, clip_compat=args.clip_compat, buckets=Buckets(args.bucket_min, args.bucket_step),
+                         scan_layers=scan, clip_compat=args.clip_compat, buckets=buckets_from_args(args),
                          # decode chunks no longer than the answers (the first token comes from prefill)
                          decode_chunk=max(1, min(16, args.max_new_tokens - 1)) if args.max_new_tokens > 0 else 16)
     print(f"batch_eval: loaded in {llm.load_s:.2f} s", file=sys.stderr)
