@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from llava_jax import cpu_kernels
 from llava_jax.config import TextConfig
 from llava_jax.errors import LlavaError
 from llava_jax.params import fuse_projections as fuse
@@ -66,6 +67,13 @@ class Buckets:
 
     def __call__(self, n: int, minimum: int | None = None) -> int:
         return bucket(n, self.minimum if minimum is None else minimum, self.step)
+
+
+def decode_kernel_applies(mesh, dtype, scan_layers: bool) -> bool:
+    """Whether `cpu_kernels.decode_attention` can serve this engine: one CPU device (the custom call has
+    no partitioning rule), f32 compute, and unrolled layers (it reads per-layer KV buffers)."""
+    return (mesh.size == 1 and mesh.devices.flat[0].platform == "cpu" and jnp.dtype(dtype) == jnp.float32
+            and not scan_layers)
 
 
 @cache
@@ -132,15 +140,24 @@ class TextEngine:
 
     def __init__(self, cfg: TextConfig, params: dict, mesh, dtype, scan_layers: bool = False,
                  rules: ShardingRules = ShardingRules(), chunk: int = 16, fuse_projections: bool | None = None,
-                 buckets: Buckets = Buckets()):
+                 buckets: Buckets = Buckets(), decode_kernel: bool | None = None):
         """params: GGUF-named (`params.load_text_params`). fuse_projections (default: when the mesh's
         `model` axis has one device) replaces them by `params.fuse_projections`' layout, kept in
-        `self.params`; `canonical_params()` gives the GGUF-named layout back."""
+        `self.params`; `canonical_params()` gives the GGUF-named layout back. decode_kernel (default:
+        where it applies and builds, see `decode_kernel_applies`) runs one-token attention through
+        `cpu_kernels.decode_attention` instead of XLA's dots."""
         self.cfg, self.mesh, self.dtype, self.rules, self.chunk, self.buckets = cfg, mesh, dtype, rules, chunk, buckets
         if fuse_projections is None:
             fuse_projections = mesh.shape["model"] == 1
         self.params = fuse(params, mesh, rules) if fuse_projections else params
-        self.model = Decoder(cfg, dtype, scan_layers, fuse_projections)
+        applies = decode_kernel_applies(mesh, dtype, scan_layers)
+        if decode_kernel and not applies:
+            raise LlavaError("the decode-attention kernel needs one CPU device, f32 compute and unrolled layers")
+        if decode_kernel is None:
+            decode_kernel = applies and cpu_kernels.decode_attention_kernel() is not None
+        elif decode_kernel and cpu_kernels.decode_attention_kernel() is None:
+            raise LlavaError(f"the decode-attention kernel is {cpu_kernels.kernel_status()}")
+        self.model = Decoder(cfg, dtype, scan_layers, fuse_projections, decode_kernel)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps", "kv_window", "sampling"),

@@ -22,6 +22,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from llava_jax import cpu_kernels
 from llava_jax.config import TextConfig
 
 Array = jax.Array
@@ -251,9 +252,10 @@ class Block(nn.Module):
     kv_window: int
     index: int | None = None  # static layer index when unrolled; None under nn.scan (from the carry)
     fused: bool = False  # q/k/v and gate/up as one weight each (`params.fuse_projections`)
+    decode_kernel: bool = False  # one-token steps on a per-layer cache use `cpu_kernels.decode_attention`
 
     @nn.compact
-    def __call__(self, carry, cos, sin, mask, write_index):
+    def __call__(self, carry, cos, sin, mask, write_index, kv_start):
         cfg, dtype = self.cfg, self.dtype
         x, cache, layer = carry
         b, t, _ = x.shape
@@ -271,7 +273,12 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, keys, values = write_and_read_cache(cache, layer if self.index is None else self.index, write_index,
                                                    k, v, self.kv_window)
-        x = x + Linear(cfg.dim, dtype, name="attn_output")(attention(q, keys, values, mask, dtype)).astype(jnp.float32)
+        if self.decode_kernel and t == 1 and cache.per_layer:
+            # The whole per-layer buffers: the kernel reads only columns kv_start..write_index.
+            attn = cpu_kernels.decode_attention(q, cache.k[self.index], cache.v[self.index], kv_start, write_index)
+        else:
+            attn = attention(q, keys, values, mask, dtype)
+        x = x + Linear(cfg.dim, dtype, name="attn_output")(attn).astype(jnp.float32)
 
         h = RMSNorm(cfg.rms_eps, name="ffn_norm")(x)
         if self.fused:
@@ -296,6 +303,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     fused_projections: bool = False  # params from `params.fuse_projections` (attn_qkv, ffn_gate_up)
+    decode_kernel: bool = False  # one-token attention by `cpu_kernels.decode_attention` (XLA:CPU, f32, 1 device)
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array, cache: KVCache, write_index: Array, kv_start: Array,
@@ -329,13 +337,14 @@ class Decoder(nn.Module):
             if cache.per_layer:
                 raise ValueError("scanned layers need a stacked KV cache (KVCache.zeros(..., per_layer=False))")
             scanned = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True},
-                              in_axes=(nn.broadcast,) * 4, length=cfg.n_layers)
+                              in_axes=(nn.broadcast,) * 5, length=cfg.n_layers)
             carry, _ = scanned(cfg, self.dtype, kv_window, None, self.fused_projections, name="blk")(
-                carry, cos, sin, mask, write_index)
+                carry, cos, sin, mask, write_index, kv_start)
         else:
             for i in range(cfg.n_layers):
-                block = Block(cfg, self.dtype, kv_window, i, self.fused_projections, name=f"blk_{i}")
-                carry, _ = block(carry, cos, sin, mask, write_index)
+                block = Block(cfg, self.dtype, kv_window, i, self.fused_projections, self.decode_kernel,
+                              name=f"blk_{i}")
+                carry, _ = block(carry, cos, sin, mask, write_index, kv_start)
         x, cache, _ = carry
 
         if logit_index is not None:

@@ -23,9 +23,9 @@ def tiny_cfg(n_kv_heads: int) -> TextConfig:
                       n_kv_heads=n_kv_heads, head_dim=8, rope_dim=8, rope_base=10000.0, rms_eps=1e-5)
 
 
-def run(cfg, params, tokens, kv_start, per_layer, length, n_decode=3):
+def run(cfg, params, tokens, kv_start, per_layer, length, n_decode=3, decode_kernel=False):
     """Prefill `tokens` [B, T] (left-padded from kv_start), then n_decode greedy steps; all logits [B, 1+n, V]."""
-    model = Decoder(cfg, jnp.float32)
+    model = Decoder(cfg, jnp.float32, decode_kernel=decode_kernel)
     b, t = tokens.shape
     cache = KVCache.zeros(cfg, b, length, jnp.float32, per_layer=per_layer)
     positions = np.maximum(np.arange(t)[None] - kv_start[:, None], 0).astype(np.int32)
@@ -70,3 +70,23 @@ def test_causal_blocks_equal_full_attention():
     blocked = text.attention(q, kt, v, mask, jnp.float32)
     full = text._attention(q, kt, v, mask, jnp.float32)
     np.testing.assert_allclose(np.asarray(blocked), np.asarray(full), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("batch,n_kv_heads", [(1, 2), (2, 2), (3, 1)])
+def test_decode_kernel_equals_xla_attention(batch, n_kv_heads):
+    """Decode steps through `cpu_kernels.decode_attention` (per-layer cache) vs XLA's attention over the
+    stacked cache, ragged left-padded rows: float32 rounding (the kernel sums in another order)."""
+    from llava_jax import cpu_kernels
+
+    if cpu_kernels.decode_attention_kernel() is None:
+        pytest.skip(f"decode-attention kernel {cpu_kernels.kernel_status()}")
+    cfg = tiny_cfg(n_kv_heads)
+    rng = np.random.default_rng(batch + 7 * n_kv_heads)
+    t, length = 12, 32
+    tokens = rng.integers(0, cfg.vocab_size, (batch, t)).astype(np.int32)
+    kv_start = np.array([(5 * i) % t for i in range(batch)], np.int32)
+    params = Decoder(cfg, jnp.float32).init(jax.random.PRNGKey(1), tokens, np.zeros_like(tokens),
+                                            KVCache.zeros(cfg, batch, length, jnp.float32), 0, kv_start, t)
+    stacked = run(cfg, params, tokens, kv_start, per_layer=False, length=length, n_decode=6)
+    kernel = run(cfg, params, tokens, kv_start, per_layer=True, length=length, n_decode=6, decode_kernel=True)
+    np.testing.assert_allclose(kernel, stacked, atol=1e-5, rtol=0)

@@ -121,6 +121,24 @@ def test_greedy_continuation(i, llm, smollm2_reference):
 
 
 @pytest.mark.slow
+def test_greedy_continuation_xla_attention(llm, smollm2_reference):
+    """The default engine decodes with the native attention kernel where it builds; XLA's attention
+    (the path of meshes, bf16 and scanned layers) must give llama.cpp's tokens too."""
+    from llava_jax import cpu_kernels
+    from llava_jax.generate import TextEngine
+
+    default = llm.engine
+    assert default.model.decode_kernel == (cpu_kernels.decode_attention_kernel() is not None)
+    llm.engine = TextEngine(default.cfg, default.canonical_params(), default.mesh, default.dtype, decode_kernel=False)
+    try:
+        for i in (1, 4):
+            r = smollm2_reference[i]
+            assert llm.generate(r["prompt"], max_new_tokens=32, temperature=0).token_ids == r["greedy_ids"]
+    finally:
+        llm.engine = default
+
+
+@pytest.mark.slow
 def test_scan_layers_equals_unrolled(our_logits, smollm2_reference):
     """Layers stacked and scanned vs separate arrays unrolled: the same ops per layer, but XLA fuses and
     orders the work differently around a while loop, so allow 1e-5 rather than bit equality."""

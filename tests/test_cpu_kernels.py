@@ -1,0 +1,135 @@
+"""The native decode-attention kernel (`cpu_kernels`) computes what `text._attention` computes.
+
+Random f32 operands in the per-layer cache layout (transposed keys, size-1 lead dims dropped),
+ragged left-padded rows, padding queries, columns that split into several chunks (the kernel merges
+per-chunk softmax sums), head sizes that are and are not multiples of 4. The kernel sums in a different
+order and uses its own exp polynomial (relative error < 2e-7), so the tolerance is float32 rounding:
+1e-5 absolute on outputs of size ~1.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from llava_jax import cpu_kernels, text
+from llava_jax.errors import LlavaError
+
+pytestmark = pytest.mark.skipif(cpu_kernels.decode_attention_kernel() is None,
+                                reason=f"decode-attention kernel {cpu_kernels.kernel_status()}")
+
+
+def operands(rng, b, n_kv, g, d, s, scale=1.0):
+    lead = text.head_lead(b, n_kv)
+    q = jnp.asarray(rng.standard_normal((b, 1, n_kv * g, d)) * scale, jnp.float32)
+    kt = jnp.asarray(rng.standard_normal((*lead, d, s)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((*lead, s, d)), jnp.float32)
+    return q, kt, v
+
+
+CASES = [  # batch, kv heads, query heads per kv head, head dim, buffer length, column, kv_start per row
+    (1, 3, 3, 64, 768, 600, [0]),  # SmolLM2 decode: lead dims (3,), two chunks per head
+    (1, 3, 3, 64, 768, 0, [0]),  # first column
+    (1, 3, 3, 64, 768, 767, [0]),  # last column
+    (2, 2, 2, 8, 64, 40, [0, 17]),  # ragged batch
+    (2, 1, 4, 16, 300, 299, [5, 250]),  # one kv head: lead (B,)
+    (3, 2, 1, 10, 520, 513, [0, 511, 513]),  # head dim not a multiple of 4; a row whose only column is its own
+    (2, 2, 3, 12, 96, 20, [0, 60]),  # a padding query (column < kv_start): sees only itself
+    (1, 1, 8, 128, 2048, 1999, [100]),  # no lead dims at all, many chunks
+]
+
+
+@pytest.mark.parametrize("b,n_kv,g,d,s,column,kv_start", CASES)
+def test_kernel_equals_xla_attention(b, n_kv, g, d, s, column, kv_start):
+    rng = np.random.default_rng(s + column)
+    q, kt, v = operands(rng, b, n_kv, g, d, s)
+    kv_start = jnp.asarray(kv_start, jnp.int32)
+    want = text._attention(q, kt, v, text.attention_mask(jnp.int32(column), 1, kv_start, s), jnp.float32)
+    got = jax.jit(cpu_kernels.decode_attention)(q, kt, v, kv_start, jnp.int32(column))
+    assert got.shape == want.shape == (b, 1, n_kv * g * d)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_peaked_scores_exercise_the_exp():
+    """Scores spanning ~0..-300 (large queries): exponents near the underflow clamp, and a softmax
+    dominated by a few columns, as in real attention heads."""
+    rng = np.random.default_rng(7)
+    q, kt, v = operands(rng, 1, 2, 2, 32, 512, scale=12.0)
+    kv_start = jnp.zeros((1,), jnp.int32)
+    want = text._attention(q, kt, v, text.attention_mask(jnp.int32(400), 1, kv_start, 512), jnp.float32)
+    got = cpu_kernels.decode_attention(q, kt, v, kv_start, jnp.int32(400))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_kernel_inside_scan_and_jit_reads_updated_cache():
+    """Under lax.scan (as decode runs it) each step sees the column written just before it."""
+    rng = np.random.default_rng(3)
+    q, kt, v = operands(rng, 1, 3, 3, 16, 64)
+    kv_start = jnp.zeros((1,), jnp.int32)
+
+    def step(kind):
+        def body(carry, col):
+            kt, v = carry
+            kt = jax.lax.dynamic_update_slice(kt, jnp.full((3, 16, 1), 0.5, jnp.float32), (0, 0, col))
+            v = jax.lax.dynamic_update_slice(v, jnp.full((3, 1, 16), col.astype(jnp.float32), jnp.float32),
+                                             (0, col, 0))
+            if kind == "kernel":
+                out = cpu_kernels.decode_attention(q, kt, v, kv_start, col)
+            else:
+                out = text._attention(q, kt, v, text.attention_mask(col, 1, kv_start, 64), jnp.float32)
+            return (kt, v), out
+        return jax.jit(lambda kt, v: jax.lax.scan(body, (kt, v), jnp.arange(10, 30, dtype=jnp.int32))[1])
+
+    np.testing.assert_allclose(np.asarray(step("kernel")(kt, v)), np.asarray(step("xla")(kt, v)), atol=1e-5, rtol=0)
+
+
+def test_bad_shapes_are_refused():
+    q, kt, v = operands(np.random.default_rng(0), 1, 3, 3, 8, 32)
+    with pytest.raises(ValueError, match="one query token"):
+        cpu_kernels.decode_attention(jnp.concatenate([q, q], axis=1), kt, v, jnp.zeros((1,), jnp.int32), 3)
+    with pytest.raises(Exception, match="column outside"):
+        np.asarray(cpu_kernels.decode_attention(q, kt, v, jnp.zeros((1,), jnp.int32), jnp.int32(32)))
+
+
+def test_engine_refuses_kernel_where_it_does_not_apply():
+    from llava_jax.generate import TextEngine, decode_kernel_applies
+    from llava_jax.sharding import make_mesh
+
+    mesh = make_mesh()
+    assert decode_kernel_applies(mesh, jnp.float32, scan_layers=False)
+    assert not decode_kernel_applies(mesh, jnp.bfloat16, scan_layers=False)
+    assert not decode_kernel_applies(mesh, jnp.float32, scan_layers=True)
+    with pytest.raises(LlavaError, match="decode-attention kernel needs"):
+        TextEngine(None, {}, mesh, jnp.float32, scan_layers=True, fuse_projections=False, decode_kernel=True)
+
+
+def test_compile_failure_is_reported(tmp_path, monkeypatch):
+    broken = tmp_path / "broken.cc"
+    broken.write_text("this is not C++\n")
+    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setenv("LLAVA_JAX_CACHE", str(tmp_path))
+    with pytest.raises(RuntimeError, match="compiling broken.cc failed"):
+        cpu_kernels.build_library()
+    assert not list(tmp_path.glob("kernels/*.so"))
+
+
+@pytest.mark.parametrize("env,reason", [({"CXX": "/nonexistent/c++"}, "no C++ compiler"),
+                                        ({"LLAVA_JAX_CPU_KERNELS": "0"}, "disabled by LLAVA_JAX_CPU_KERNELS=0")])
+def test_without_the_kernel_the_xla_path_is_used(tmp_path, env, reason):
+    """No compiler (or the switch off): no kernel, a reason, and an engine that decodes with XLA."""
+    code = (
+        "from llava_jax import cpu_kernels\n"
+        "assert cpu_kernels.decode_attention_kernel() is None\n"
+        "print(cpu_kernels.kernel_status())\n"
+    )
+    env = {**os.environ, "LLAVA_JAX_CACHE": str(tmp_path), **env}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert reason in proc.stdout
+    assert not list(tmp_path.glob("kernels/*.so"))
