@@ -14,7 +14,9 @@ Measured per model and engine (`--mode text`):
   argmax of its logits, per token.
 Warm numbers: compilation and the first run of each executable are excluded and reported apart
 (`compile_s`, `first_run`); each figure is the best of `--repeats` runs (the machine is shared, so
-the minimum time is the least disturbed one; the median is reported too). Before each timed run the
+the minimum time is the least disturbed one; the median is reported too). Both engines are loaded
+together and their timed runs alternate (llava_jax, llama.cpp, llava_jax, ...), so a slow spell of
+the shared machine hits both alike instead of skewing the ratio. Before each timed run the
 script waits (`--quiet-wait`, default up to 120 s) for the other processes to leave the CPU idle and
 records how busy it was; the load average is recorded before and after.
 
@@ -58,104 +60,128 @@ def make_prompt(tokenize, n_tokens: int) -> list[int]:
     return ids[:n_tokens]
 
 
-# ---- llava_jax ------------------------------------------------------------------------------------
-def bench_llava_jax(model: str, prompt: list[int], n_gen: int, repeats: int, quiet: Quiet) -> dict:
-    import jax
+# ---- the two engines: each a runner with warm-up, one timed run, and a summary -------------------
+class LlavaJaxRunner:
+    """llava_jax's prefill + scan decode; `run()` is one generation, EOS ignored."""
 
-    import llava_jax
-    from llava_jax.generate import Request
-    from llava_jax.sampling import SamplingParams, initial_key
+    name = "llava_jax"
 
-    llm = llava_jax.load(model, n_ctx=len(prompt) + n_gen + 64)
-    engine = llm.engine
-    greedy = SamplingParams(temperature=0.0)
+    def __init__(self, model: str, prompt: list[int], n_gen: int):
+        import llava_jax
+        from llava_jax.sampling import SamplingParams
 
-    def run_once() -> tuple[float, float, int, float, list[int]]:
-        """(prefill s, decode s, decode tokens, compile s, ids): one generation, EOS ignored."""
-        quiet.wait()
+        self.prompt, self.n_gen = prompt, n_gen
+        self.llm = llava_jax.load(model, n_ctx=len(prompt) + n_gen + 64)
+        self.greedy = SamplingParams(temperature=0.0)
+        self.compile_s = 0.0
+
+    def run(self) -> tuple[float, float, list[int]]:
+        """(prefill s, decode s, ids)."""
+        from llava_jax.generate import Request
+        from llava_jax.sampling import initial_key
+
         # 1 token from the prefill, then n_gen from decode chunks (a multiple of the chunk).
-        request = Request(list(prompt), None, 1 + n_gen)
-        steps = engine.generate([request], greedy, initial_key(greedy), llm.n_ctx, stop_ids=frozenset())
+        request = Request(list(self.prompt), None, 1 + self.n_gen)
+        steps = self.llm.engine.generate([request], self.greedy, initial_key(self.greedy), self.llm.n_ctx,
+                                         stop_ids=frozenset())
         first = next(steps)
-        prefill_s = first.timings.prompt_s
         ids = list(first.tokens[0])
         t0 = time.perf_counter()
         for step in steps:
             ids += step.tokens[0]
         decode_wall = time.perf_counter() - t0
         t = first.timings
-        decode_s = t.generate_s if t.generate_s else decode_wall
-        return prefill_s, decode_s, len(ids) - 1, t.compile_s, ids
+        self.compile_s = max(self.compile_s, t.compile_s)
+        return t.prompt_s, t.generate_s if t.generate_s else decode_wall, ids
 
-    # Run 1 compiles (AOT, timed apart) and pays each executable's first-execution cost; run 2 is warm.
-    p0, d0, n0, compile_s, ids = run_once()
-    p1, d1, _, _, _ = run_once()
-    prefills, decodes = [p1], [d1]
-    for _ in range(repeats - 1):
-        p, d, n, _, _ = run_once()
-        prefills.append(p)
-        decodes.append(d)
-    out = {
-        "load_s": round(llm.load_s, 3),
-        "compile_s": round(compile_s, 3),
-        "first_run": {"prefill_s": round(p0, 4), "decode_s": round(d0, 4),
-                      "extra_s": round(p0 + d0 - min(prefills) - min(decodes), 3)},
-        "prefill": summarize(prefills, len(prompt)),
-        "decode": summarize(decodes, n0),
-        "dtype": str(engine.dtype), "scan_layers": engine.model.scan_layers, "chunk": engine.chunk,
-        "greedy_ids_head": ids[:16],
-    }
-    llm = engine = None  # free the weights before the next model
-    gc.collect()
-    jax.clear_caches()
-    return out
+    def warm_up(self) -> tuple[float, float, list[int]]:
+        # Run 1 compiles (AOT, timed apart) and pays each executable's first-execution cost; run 2 is warm.
+        first = self.run()
+        self.run()
+        return first
+
+    def info(self) -> dict:
+        engine = self.llm.engine
+        return {"load_s": round(self.llm.load_s, 3), "compile_s": round(self.compile_s, 3),
+                "dtype": str(engine.dtype), "scan_layers": engine.model.scan_layers, "chunk": engine.chunk,
+                "decode_kernel": engine.model.decode_kernel}
+
+    def close(self):
+        import jax
+
+        self.llm = None  # free the weights before the next model
+        gc.collect()
+        jax.clear_caches()
 
 
-# ---- llama.cpp ------------------------------------------------------------------------------------
-def bench_llama_cpp(model: str, prompt: list[int], n_gen: int, repeats: int, threads: int, quiet: Quiet) -> dict:
-    with llama_cpp_without_extra_bufts() as llama_cpp:
-        t0 = time.perf_counter()
-        llm = llama_cpp.Llama(model, n_ctx=len(prompt) + n_gen + 64, n_batch=512, n_ubatch=512, n_threads=threads,
-                              n_threads_batch=threads, type_k=0, type_v=0, flash_attn=False, verbose=False)
-        load_s = time.perf_counter() - t0
-    assert not llm.model_params.use_extra_bufts
-    n_vocab = llm.n_vocab()
+class LlamaCppRunner:
+    """llama.cpp through llama-cpp-python: `Llama.eval` of the prompt, then eval + argmax per token."""
 
-    def last_logits() -> np.ndarray:
-        return np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(n_vocab,))
+    name = "llama_cpp"
 
-    def run_once() -> tuple[float, float, list[int]]:
-        quiet.wait()
+    def __init__(self, model: str, prompt: list[int], n_gen: int, threads: int):
+        self.prompt, self.n_gen, self.threads = prompt, n_gen, threads
+        with llama_cpp_without_extra_bufts() as llama_cpp:
+            t0 = time.perf_counter()
+            self.llm = llama_cpp.Llama(model, n_ctx=len(prompt) + n_gen + 64, n_batch=512, n_ubatch=512,
+                                       n_threads=threads, n_threads_batch=threads, type_k=0, type_v=0,
+                                       flash_attn=False, verbose=False)
+            self.load_s = time.perf_counter() - t0
+        assert not self.llm.model_params.use_extra_bufts
+        self.n_vocab = self.llm.n_vocab()
+
+    def _argmax(self) -> int:
+        return int(np.argmax(np.ctypeslib.as_array(self.llm._ctx.get_logits(), shape=(self.n_vocab,))))
+
+    def run(self) -> tuple[float, float, list[int]]:
+        llm = self.llm
         llm.reset()
         t0 = time.perf_counter()
-        llm.eval(prompt)
-        token = int(np.argmax(last_logits()))
+        llm.eval(self.prompt)
+        token = self._argmax()
         prefill_s = time.perf_counter() - t0
         ids = [token]
         t0 = time.perf_counter()
-        for _ in range(n_gen):
+        for _ in range(self.n_gen):
             llm.eval([token])
-            token = int(np.argmax(last_logits()))
+            token = self._argmax()
             ids.append(token)
         return prefill_s, time.perf_counter() - t0, ids
 
-    p0, d0, ids = run_once()  # first run: graph allocation and warm-up, reported apart
-    prefills, decodes = [], []
+    def warm_up(self) -> tuple[float, float, list[int]]:
+        return self.run()  # graph allocation and warm-up, reported apart
+
+    def info(self) -> dict:
+        return {"load_s": round(self.load_s, 3), "threads": self.threads}
+
+    def close(self):
+        self.llm.close()
+        self.llm = None  # free the model before the next one
+        gc.collect()
+
+
+def bench_engines(runners: list, repeats: int, quiet: Quiet) -> dict[str, dict]:
+    """Warm every runner, then `repeats` rounds in which each runner runs once, engines alternating, so
+    a drift of the shared machine's speed hits both engines alike (best of the rounds, medians too)."""
+    firsts = {r.name: r.warm_up() for r in runners}
+    times: dict[str, list[tuple[float, float]]] = {r.name: [] for r in runners}
     for _ in range(repeats):
-        p, d, _ = run_once()
-        prefills.append(p)
-        decodes.append(d)
-    out = {
-        "load_s": round(load_s, 3),
-        "first_run": {"prefill_s": round(p0, 4), "decode_s": round(d0, 4),
-                      "extra_s": round(p0 + d0 - min(prefills) - min(decodes), 3)},
-        "prefill": summarize(prefills, len(prompt)),
-        "decode": summarize(decodes, n_gen),
-        "threads": threads, "greedy_ids_head": ids[:16],
-    }
-    llm.close()
-    llm = None  # free the model before the next one
-    gc.collect()
+        for r in runners:
+            quiet.wait()
+            prefill_s, decode_s, _ = r.run()
+            times[r.name].append((prefill_s, decode_s))
+    out = {}
+    for r in runners:
+        prefills, decodes = zip(*times[r.name], strict=True)
+        p0, d0, ids = firsts[r.name]
+        out[r.name] = {
+            **r.info(),
+            "first_run": {"prefill_s": round(p0, 4), "decode_s": round(d0, 4),
+                          "extra_s": round(p0 + d0 - min(prefills) - min(decodes), 3)},
+            "prefill": summarize(list(prefills), len(r.prompt)),
+            "decode": summarize(list(decodes), r.n_gen),
+            "greedy_ids_head": ids[:16],
+        }
     return out
 
 
@@ -169,10 +195,16 @@ def bench_text(args, models: list[str]) -> list[dict]:
         log(f"== {Path(model).name}: prompt {len(prompt)} tokens, decode {args.gen_tokens}, load avg {load_average()}")
         row: dict = {"model": str(model), "load_avg_before": load_average()}
         quiet = Quiet(args.quiet_wait)
-        row["llava_jax"] = bench_llava_jax(model, prompt, args.gen_tokens, args.repeats, quiet)
+        runners = [LlavaJaxRunner(model, prompt, args.gen_tokens)]
+        if args.llama_cpp:
+            runners.append(LlamaCppRunner(model, prompt, args.gen_tokens, args.threads))
+        try:
+            row |= bench_engines(runners, args.repeats, quiet)
+        finally:
+            for r in runners:
+                r.close()
         log(f"   llava_jax  {_line(row['llava_jax'])}")
         if args.llama_cpp:
-            row["llama_cpp"] = bench_llama_cpp(model, prompt, args.gen_tokens, args.repeats, args.threads, quiet)
             log(f"   llama.cpp  {_line(row['llama_cpp'])}")
             jx, lc = row["llava_jax"], row["llama_cpp"]
             row["ratio"] = {  # llava_jax / llama.cpp: > 1 means llava_jax is faster (load: < 1 is faster)
