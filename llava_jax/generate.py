@@ -69,6 +69,19 @@ class Buckets:
         return bucket(n, self.minimum if minimum is None else minimum, self.step)
 
 
+def pad_image_rows(rows: Sequence[np.ndarray | None], dim: int) -> np.ndarray | None:
+    """Per-request image embedding rows [N_i, D] (or None) → f32 [B, N, D], N the largest N_i rounded up
+    to a power of two >= 64 (few compiled shapes across image counts); None when no request has any."""
+    longest = max((0 if r is None else len(r)) for r in rows)
+    if not longest:
+        return None
+    out = np.zeros((len(rows), bucket(longest, minimum=64), dim), np.float32)
+    for i, r in enumerate(rows):
+        if r is not None:
+            out[i, : len(r)] = r
+    return out
+
+
 def decode_kernel_applies(mesh, dtype, scan_layers: bool) -> bool:
     """Whether `cpu_kernels.decode_attention` can serve this engine: one CPU device (the custom call has
     no partitioning rule), f32 compute, and unrolled layers (it reads per-layer KV buffers)."""
@@ -258,10 +271,7 @@ class TextEngine:
         tokens[0, :n] = ids
         positions = np.arange(tb, dtype=np.int32)[None]
         cache = self.new_cache(1, tb)
-        embeds = None
-        if n_rows:
-            embeds = np.zeros((1, bucket(n_rows, minimum=64), self.cfg.dim), np.float32)
-            embeds[0, :n_rows] = image_embeds
+        embeds = pad_image_rows([image_embeds], self.cfg.dim)
         args = (self.params, tokens, positions, cache, np.int32(0), np.zeros(1, np.int32), embeds, None)
         out, _ = self._compile(self._forward, "logits", None, *args, kv_window=tb)(*args)
         return np.asarray(out[0, :n])
@@ -294,14 +304,8 @@ class TextEngine:
         for i, r in enumerate(requests):
             tokens[i, tb - lengths[i]:] = r.tokens
         positions = np.maximum(np.arange(tb, dtype=np.int32)[None] - kv_start[:, None], 0)
-        n_img = max((0 if r.image_embeds is None else len(r.image_embeds)) for r in requests)
-        n_img = bucket(n_img, minimum=64) if n_img else 0  # few compiled shapes across image counts
-        image_embeds = None
-        if n_img:
-            image_embeds = np.zeros((b, n_img, self.cfg.dim), np.float32)
-            for i, r in enumerate(requests):
-                if r.image_embeds is not None:
-                    image_embeds[i, : len(r.image_embeds)] = r.image_embeds
+        image_embeds = pad_image_rows([r.image_embeds for r in requests], self.cfg.dim)
+        if image_embeds is not None:
             image_embeds = self._batch_array(image_embeds)
         timings.prompt_tokens = sum(lengths)
         timings.image_tokens = sum(t == IMAGE_PLACEHOLDER for r in requests for t in r.tokens)
@@ -309,10 +313,10 @@ class TextEngine:
                                          sampling.repeat_last_n))
 
         if self.per_layer_cache:
-            # Buffers start at the first decode window and grow window by window (decode reads them
-            # whole); the last window is only as long as this request can need (rounded to 256), e.g.
-            # 768 rather than 1024 columns for 512 + 128 tokens: decode attention costs ~6 us per
-            # column per token here (30 layers, memory-bound).
+            # Buffers start at the first decode window and grow window by window (XLA's decode
+            # attention reads them whole: ~6 us per column per token for SmolLM2 on the 2-core VM; the
+            # kernel reads only the valid columns); the last window is only as long as this request
+            # can need (rounded to 256), e.g. 768 rather than 1024 columns for 512 + 128 tokens.
             cache_len = min(cache_len, -(-total // 256) * 256)
             length = min(cache_len, self.buckets(tb + self.chunk, minimum=256))
         else:

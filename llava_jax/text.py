@@ -60,9 +60,14 @@ class KVCache(NamedTuple):
         return isinstance(self.k, (tuple, list))
 
 
+def _lead_dims(batch: int, n_kv_heads: int) -> tuple[tuple[str, int], ...]:
+    """(logical axis, size) of the leading (B, Hkv) dims of head-major buffers, size-1 dims dropped."""
+    return tuple((a, n) for a, n in (("batch", batch), ("kv_heads", n_kv_heads)) if n > 1)
+
+
 def head_lead(batch: int, n_kv_heads: int) -> tuple[int, ...]:
     """Leading dims of head-major attention operands: (B, Hkv) without its size-1 dims."""
-    return tuple(n for n in (batch, n_kv_heads) if n > 1)
+    return tuple(n for _, n in _lead_dims(batch, n_kv_heads))
 
 
 def per_layer_shapes(cfg: TextConfig, batch: int, length: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -73,7 +78,7 @@ def per_layer_shapes(cfg: TextConfig, batch: int, length: int) -> tuple[tuple[in
 
 def per_layer_axes(batch: int, n_kv_heads: int) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """Logical axes of `per_layer_shapes` (for the sharding table)."""
-    lead = tuple(a for a, n in (("batch", batch), ("kv_heads", n_kv_heads)) if n > 1)
+    lead = tuple(a for a, _ in _lead_dims(batch, n_kv_heads))
     return (*lead, "head_dim", "seq"), (*lead, "seq", "head_dim")
 
 

@@ -190,13 +190,8 @@ def test_mtmd_greedy_matches_compat_mode(kind, llama_cpp_mod, converted, tiny15,
 
 
 def next_logits(llm, tokens: list[int], image_embeds: np.ndarray | None) -> np.ndarray:
-    """f32 [vocab]: our logits after `tokens` (image rows merged at the -1 slots), one prefill, no bucketing."""
-    eng, t = llm.engine, len(tokens)
-    emb = None if image_embeds is None else np.asarray(image_embeds, np.float32)[None]
-    out, _ = eng._forward(eng.params, np.array([tokens], np.int32), np.arange(t, dtype=np.int32)[None],
-                          eng.new_cache(1, t), np.int32(0), np.zeros(1, np.int32), emb, np.array([t - 1], np.int32),
-                          kv_window=t)
-    return np.asarray(out[0])
+    """f32 [vocab]: our logits after `tokens` (image rows merged at the -1 slots), teacher-forced."""
+    return llm.logits(tokens, image_embeds=() if image_embeds is None else [image_embeds])[-1]
 
 
 def margin(logits: np.ndarray) -> float:

@@ -5,7 +5,7 @@ logits at every position equal HF's within 1e-4 (f32, LLaVA's own image semantic
 - text only: `Llava.logits(ids)` vs HF's logits for the same ids;
 - image prompts: HF's processor builds the sequence (each `<image>` expanded to that image's token count); our
   sequence is the same ids with IMAGE_PLACEHOLDER (-1) where HF has the image token, the rows come from our
-  image encoder (`build_request`), and our decoder (`TextEngine._forward`, all positions) runs on them.
+  image encoder (`build_request`), and our decoder (`Llava.logits`, all positions) runs on them.
   1.5 with one image; 1.6 with two images of different sizes (landscape 500×300 and a small portrait 200×330)
   in one prompt;
 - the original LLaVA layout (`LlavaLlamaForCausalLM` + `--clip` directory) converts to a model with the same logits.
@@ -51,11 +51,7 @@ IMAGES = {"15": [random_image(400, 300, 1)], "16": [random_image(500, 300, 2), r
 
 def full_logits(llm, tokens: list[int], image_embeds: np.ndarray | None) -> np.ndarray:
     """f32 [len(tokens), vocab]: our decoder's logits at every position, image rows merged at the -1 slots."""
-    eng, t = llm.engine, len(tokens)
-    emb = None if image_embeds is None else np.asarray(image_embeds, np.float32)[None]
-    out, _ = eng._forward(eng.params, np.array([tokens], np.int32), np.arange(t, dtype=np.int32)[None],
-                          eng.new_cache(1, t), np.int32(0), np.zeros(1, np.int32), emb, None, kv_window=t)
-    return np.asarray(out[0])
+    return llm.logits(tokens, image_embeds=() if image_embeds is None else [image_embeds])
 
 
 class HFCase:
