@@ -33,7 +33,8 @@ constexpr int64_t kMinChunk = 128;  // columns; smaller chunks cost more in sche
 
 // e^x for x <= 0 (softmax exponents), vectorizable: x = k ln2 + r with |r| <= ln2 / 2, a degree-6
 // polynomial for e^r, then 2^k through the exponent bits. Relative error < 2e-7 (about 1-2 ulp, like
-// XLA's own exp); inputs below -87 give 0. glibc's expf would be called once per lane, not vectorized.
+// XLA's own exp); inputs below -87 are clamped there (e^-87 ~ 1.6e-38, nothing next to the max's
+// e^0 = 1 in the same sum). glibc's expf would be called once per lane, not vectorized.
 inline float ExpNonPositive(float x) {
   x = std::max(x, -87.0f);
   const float k = std::nearbyint(x * 1.44269504088896341f);
@@ -48,7 +49,7 @@ inline float ExpNonPositive(float x) {
   float scale;
   std::memcpy(&scale, &bits, sizeof scale);
   return p * scale;
-}  // columns; smaller chunks cost more in scheduling than they save
+}
 
 struct Problem {
   const float* q;
