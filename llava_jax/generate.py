@@ -170,6 +170,11 @@ class TextEngine:
             decode_kernel = applies and cpu_kernels.decode_attention_kernel() is not None
         elif decode_kernel and cpu_kernels.decode_attention_kernel() is None:
             raise LlavaError(f"the decode-attention kernel is {cpu_kernels.kernel_status()}")
+        # Which one-token attention decode runs, and why (the CLI reports it).
+        self.decode_attention = ("kernel" if decode_kernel else
+                                 "xla (the kernel needs one CPU device, f32 compute and unrolled layers)" if not applies
+                                 else "xla (kernel not requested)" if cpu_kernels.kernel_status() == "in use"
+                                 else f"xla (kernel {cpu_kernels.kernel_status()})")
         self.model = Decoder(cfg, dtype, scan_layers, fuse_projections, decode_kernel)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
