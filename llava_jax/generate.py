@@ -82,6 +82,9 @@ def pad_image_rows(rows: Sequence[np.ndarray | None], dim: int) -> np.ndarray | 
     return out
 
 
+KERNEL_NEEDS = "needs one CPU device, f32 compute and unrolled layers"  # see `decode_kernel_applies`
+
+
 def decode_kernel_applies(mesh, dtype, scan_layers: bool) -> bool:
     """Whether `cpu_kernels.decode_attention` can serve this engine: one CPU device (the custom call has
     no partitioning rule), f32 compute, and unrolled layers (it reads per-layer KV buffers)."""
@@ -163,18 +166,21 @@ class TextEngine:
         if fuse_projections is None:
             fuse_projections = mesh.shape["model"] == 1
         self.params = fuse(params, mesh, rules) if fuse_projections else params
-        applies = decode_kernel_applies(mesh, dtype, scan_layers)
-        if decode_kernel and not applies:
-            raise LlavaError("the decode-attention kernel needs one CPU device, f32 compute and unrolled layers")
-        if decode_kernel is None:
-            decode_kernel = applies and cpu_kernels.decode_attention_kernel() is not None
-        elif decode_kernel and cpu_kernels.decode_attention_kernel() is None:
-            raise LlavaError(f"the decode-attention kernel is {cpu_kernels.kernel_status()}")
         # Which one-token attention decode runs, and why (the CLI reports it).
-        self.decode_attention = ("kernel" if decode_kernel else
-                                 "xla (the kernel needs one CPU device, f32 compute and unrolled layers)" if not applies
-                                 else "xla (kernel not requested)" if cpu_kernels.kernel_status() == "in use"
-                                 else f"xla (kernel {cpu_kernels.kernel_status()})")
+        applies = decode_kernel_applies(mesh, dtype, scan_layers)
+        if decode_kernel is False:
+            self.decode_attention = "xla (kernel not requested)"
+        elif not applies:
+            if decode_kernel:
+                raise LlavaError(f"the decode-attention kernel {KERNEL_NEEDS}")
+            self.decode_attention = f"xla (the kernel {KERNEL_NEEDS})"
+        elif cpu_kernels.decode_attention_kernel() is None:
+            if decode_kernel:
+                raise LlavaError(f"the decode-attention kernel is {cpu_kernels.kernel_status()}")
+            self.decode_attention = f"xla (kernel {cpu_kernels.kernel_status()})"
+        else:
+            self.decode_attention = "kernel"
+        decode_kernel = self.decode_attention == "kernel"
         self.model = Decoder(cfg, dtype, scan_layers, fuse_projections, decode_kernel)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))

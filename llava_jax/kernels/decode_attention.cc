@@ -69,7 +69,7 @@ struct Problem {
   }
 
   // Columns [c0, c1) of row i, all G heads: partial max, sum and unnormalized output.
-  void Unit(int64_t unit, std::vector<float>& scores) const;
+  void Unit(int64_t unit, std::vector<float>& scores);
   void RunUnits(std::vector<float>& scores) {
     for (int64_t u; (u = next.fetch_add(1)) < n * chunks;) {
       Unit(u, scores);
@@ -78,15 +78,15 @@ struct Problem {
   }
 };
 
-void Problem::Unit(int64_t unit, std::vector<float>& scores) const {
+void Problem::Unit(int64_t unit, std::vector<float>& scores) {
   const int64_t i = unit / chunks, c = unit % chunks;
   const int64_t first = lo(i), total = col + 1 - first;
   const int64_t c0 = first + total * c / chunks, c1 = first + total * (c + 1) / chunks;
   const int64_t len = c1 - c0;
   const size_t at = static_cast<size_t>((i * chunks + c) * g);
-  float* mp = const_cast<float*>(m.data()) + at;
-  float* lp = const_cast<float*>(l.data()) + at;
-  float* op = const_cast<float*>(o.data()) + at * dh;
+  float* mp = m.data() + at;
+  float* lp = l.data() + at;
+  float* op = o.data() + at * dh;
   if (len <= 0) {
     std::fill(mp, mp + g, -INFINITY);
     std::fill(lp, lp + g, 0.0f);
