@@ -82,12 +82,12 @@ def pad_image_rows(rows: Sequence[np.ndarray | None], dim: int) -> np.ndarray | 
     return out
 
 
-KERNEL_NEEDS = "needs one CPU device, f32 compute and unrolled layers"  # see `decode_kernel_applies`
+KERNEL_NEEDS = "need one CPU device, f32 compute and unrolled layers"  # see `decode_kernel_applies`
 
 
 def decode_kernel_applies(mesh, dtype, scan_layers: bool) -> bool:
-    """Whether `cpu_kernels.decode_attention` can serve this engine: one CPU device (the custom call has
-    no partitioning rule), f32 compute, and unrolled layers (it reads per-layer KV buffers)."""
+    """Whether the native decode kernels (`cpu_kernels`) can serve this engine: one CPU device (the custom
+    calls have no partitioning rule), f32 compute, and unrolled layers (attention reads per-layer KV buffers)."""
     return (mesh.size == 1 and mesh.devices.flat[0].platform == "cpu" and jnp.dtype(dtype) == jnp.float32
             and not scan_layers)
 
@@ -160,27 +160,27 @@ class TextEngine:
         """params: GGUF-named (`params.load_text_params`). fuse_projections (default: when the mesh's
         `model` axis has one device) replaces them by `params.fuse_projections`' layout, kept in
         `self.params`; `canonical_params()` gives the GGUF-named layout back. decode_kernel (default:
-        where it applies and builds, see `decode_kernel_applies`) runs one-token attention through
-        `cpu_kernels.decode_attention` instead of XLA's dots."""
+        where they apply and build, see `decode_kernel_applies`) runs decode steps' attention and weight
+        products through the native kernels (`cpu_kernels`) instead of XLA's dots."""
         self.cfg, self.mesh, self.dtype, self.rules, self.chunk, self.buckets = cfg, mesh, dtype, rules, chunk, buckets
         if fuse_projections is None:
             fuse_projections = mesh.shape["model"] == 1
         self.params = fuse(params, mesh, rules) if fuse_projections else params
-        # Which one-token attention decode runs, and why (the CLI reports it).
+        # Which decode path runs, and why (the CLI reports it).
         applies = decode_kernel_applies(mesh, dtype, scan_layers)
         if decode_kernel is False:
-            self.decode_attention = "xla (kernel not requested)"
+            self.decode_kernels = "xla (kernels not requested)"
         elif not applies:
             if decode_kernel:
-                raise LlavaError(f"the decode-attention kernel {KERNEL_NEEDS}")
-            self.decode_attention = f"xla (the kernel {KERNEL_NEEDS})"
-        elif cpu_kernels.decode_attention_kernel() is None:
+                raise LlavaError(f"the decode kernels {KERNEL_NEEDS}")
+            self.decode_kernels = f"xla (the kernels {KERNEL_NEEDS})"
+        elif not cpu_kernels.kernels_available():
             if decode_kernel:
-                raise LlavaError(f"the decode-attention kernel is {cpu_kernels.kernel_status()}")
-            self.decode_attention = f"xla (kernel {cpu_kernels.kernel_status()})"
+                raise LlavaError(f"the decode kernels are {cpu_kernels.kernel_status()}")
+            self.decode_kernels = f"xla (kernels {cpu_kernels.kernel_status()})"
         else:
-            self.decode_attention = "kernel"
-        decode_kernel = self.decode_attention == "kernel"
+            self.decode_kernels = "native"
+        decode_kernel = self.decode_kernels == "native"
         self.model = Decoder(cfg, dtype, scan_layers, fuse_projections, decode_kernel)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))

@@ -57,10 +57,10 @@ def _log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _print_timings(res, load_s: float, decode_attention: str) -> None:
+def _print_timings(res, load_s: float, decode_kernels: str) -> None:
     t = res.timings
     _log(f"llava_jax: load time = {load_s * 1e3:10.2f} ms")
-    _log(f"llava_jax: decode attention = {decode_attention}")
+    _log(f"llava_jax: decode kernels = {decode_kernels}")
     if t.image_tokens:
         _log(f"llava_jax: image encode time = {t.image_s * 1e3:10.2f} ms / {t.image_tokens} image tokens")
     _log(f"llava_jax: compile time = {t.compile_s * 1e3:10.2f} ms")
@@ -116,7 +116,7 @@ def _run(args) -> int:
                   seed=None if args.seed < 0 else args.seed, stop=args.stop, template=args.chat_template)
     if args.json:
         res = llm.generate(prompt, images, **kwargs)
-        print(json.dumps({**res.as_dict(), "load_s": llm.load_s, "decode_attention": llm.engine.decode_attention},
+        print(json.dumps({**res.as_dict(), "load_s": llm.load_s, "decode_kernels": llm.engine.decode_kernels},
                          ensure_ascii=False))
         return 0
     for piece in llm.stream(prompt, images, **kwargs):
@@ -126,7 +126,7 @@ def _run(args) -> int:
     res = llm.last_result
     if res.timings.image_tokens:
         _log(f"llava_jax: image embedding created: {res.timings.image_tokens} tokens")
-    _print_timings(res, llm.load_s, llm.engine.decode_attention)
+    _print_timings(res, llm.load_s, llm.engine.decode_kernels)
     return 0
 
 

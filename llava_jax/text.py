@@ -95,16 +95,27 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def project(x: Array, w: Array, dtype, kernel: bool = False, out_dtype=None) -> Array:
+    """x [..., in] @ w.T for w `[out, in]` (GGUF's layout), computed in `dtype` (result in out_dtype,
+    default dtype). kernel: a few f32 rows (a decode step) go through `cpu_kernels.gemv` (XLA:CPU, one
+    device) instead of XLA's dot."""
+    x = x.astype(dtype)
+    if kernel and cpu_kernels.gemv_applies(x.shape, x.dtype, w.dtype):
+        return cpu_kernels.gemv(x, w)
+    return jnp.einsum("...i,oi->...o", x, w, precision=_precision(dtype), preferred_element_type=out_dtype)
+
+
 class Linear(nn.Module):
     """y = x @ W.T with W stored `[out, in]` as in GGUF."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
+    kernel: bool = False  # decode rows by `cpu_kernels.gemv` (see `project`)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
         w = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.dtype)
-        return jnp.einsum("...i,oi->...o", x.astype(self.dtype), w, precision=_precision(self.dtype))
+        return project(x, w, self.dtype, self.kernel)
 
 
 class RMSNorm(nn.Module):
@@ -131,10 +142,9 @@ class Embedding(nn.Module):
     def __call__(self, ids: Array) -> Array:
         return jnp.take(self.weight, ids, axis=0)
 
-    def attend(self, h: Array) -> Array:
-        """f32 [..., D] → f32 logits [..., V]."""
-        return jnp.einsum("...d,vd->...v", h.astype(self.dtype), self.weight, precision=_precision(self.dtype),
-                          preferred_element_type=jnp.float32)
+    def attend(self, h: Array, kernel: bool = False) -> Array:
+        """f32 [..., D] → f32 logits [..., V] (kernel: as in `project`)."""
+        return project(h, self.weight, self.dtype, kernel, out_dtype=jnp.float32)
 
 
 def rope_angles(positions: Array, cfg: TextConfig, freq_factors: Array | None = None) -> tuple[Array, Array]:
@@ -257,22 +267,24 @@ class Block(nn.Module):
     kv_window: int
     index: int | None = None  # static layer index when unrolled; None under nn.scan (from the carry)
     fused: bool = False  # q/k/v and gate/up as one weight each (`params.fuse_projections`)
-    decode_kernel: bool = False  # one-token steps on a per-layer cache use `cpu_kernels.decode_attention`
+    decode_kernel: bool = False  # the native decode kernels: `cpu_kernels.decode_attention` for one-token steps
+    # on a per-layer cache, `cpu_kernels.gemv` for products of <= GEMV_MAX_ROWS rows
 
     @nn.compact
     def __call__(self, carry, cos, sin, mask, write_index, kv_start):
         cfg, dtype = self.cfg, self.dtype
+        kern = self.decode_kernel
         x, cache, layer = carry
         b, t, _ = x.shape
         h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
         n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
         if self.fused:
-            qkv = Linear(n_q + 2 * n_kv, dtype, name="attn_qkv")(h)
+            qkv = Linear(n_q + 2 * n_kv, dtype, kern, name="attn_qkv")(h)
             q, k, v = qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
         else:
-            q = Linear(n_q, dtype, name="attn_q")(h)
-            k = Linear(n_kv, dtype, name="attn_k")(h)
-            v = Linear(n_kv, dtype, name="attn_v")(h)
+            q = Linear(n_q, dtype, kern, name="attn_q")(h)
+            k = Linear(n_kv, dtype, kern, name="attn_k")(h)
+            v = Linear(n_kv, dtype, kern, name="attn_v")(h)
         q = q.reshape(b, t, cfg.n_heads, cfg.head_dim)
         k, v = k.reshape(b, t, cfg.n_kv_heads, cfg.head_dim), v.reshape(b, t, cfg.n_kv_heads, cfg.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -283,16 +295,16 @@ class Block(nn.Module):
             attn = cpu_kernels.decode_attention(q, cache.k[self.index], cache.v[self.index], kv_start, write_index)
         else:
             attn = attention(q, keys, values, mask, dtype)
-        x = x + Linear(cfg.dim, dtype, name="attn_output")(attn).astype(jnp.float32)
+        x = x + Linear(cfg.dim, dtype, kern, name="attn_output")(attn).astype(jnp.float32)
 
         h = RMSNorm(cfg.rms_eps, name="ffn_norm")(x)
         if self.fused:
-            gate_up = Linear(2 * cfg.ffn_dim, dtype, name="ffn_gate_up")(h).astype(jnp.float32)
+            gate_up = Linear(2 * cfg.ffn_dim, dtype, kern, name="ffn_gate_up")(h).astype(jnp.float32)
             gate, up = gate_up[..., :cfg.ffn_dim], gate_up[..., cfg.ffn_dim:]
         else:
-            gate = Linear(cfg.ffn_dim, dtype, name="ffn_gate")(h).astype(jnp.float32)
-            up = Linear(cfg.ffn_dim, dtype, name="ffn_up")(h).astype(jnp.float32)
-        x = x + Linear(cfg.dim, dtype, name="ffn_down")((jax.nn.silu(gate) * up).astype(dtype)).astype(jnp.float32)
+            gate = Linear(cfg.ffn_dim, dtype, kern, name="ffn_gate")(h).astype(jnp.float32)
+            up = Linear(cfg.ffn_dim, dtype, kern, name="ffn_up")(h).astype(jnp.float32)
+        x = x + Linear(cfg.dim, dtype, kern, name="ffn_down")((jax.nn.silu(gate) * up).astype(dtype)).astype(jnp.float32)
         return (x, cache, layer + 1), None
 
 
@@ -308,7 +320,7 @@ class Decoder(nn.Module):
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
     fused_projections: bool = False  # params from `params.fuse_projections` (attn_qkv, ffn_gate_up)
-    decode_kernel: bool = False  # one-token attention by `cpu_kernels.decode_attention` (XLA:CPU, f32, 1 device)
+    decode_kernel: bool = False  # the native decode kernels (`cpu_kernels`; XLA:CPU, f32, 1 device), see Block
 
     @nn.compact
     def __call__(self, tokens: Array, positions: Array, cache: KVCache, write_index: Array, kv_start: Array,
@@ -356,8 +368,8 @@ class Decoder(nn.Module):
             x = jnp.take_along_axis(x, logit_index[:, None, None], axis=1)[:, 0]
         h = RMSNorm(cfg.rms_eps, name="output_norm")(x)
         if cfg.tied_output:
-            return embed.attend(h), cache
-        out = Linear(cfg.vocab_size, self.dtype, name="output")
+            return embed.attend(h, self.decode_kernel), cache
+        out = Linear(cfg.vocab_size, self.dtype, self.decode_kernel, name="output")
         return jnp.asarray(out(h), jnp.float32), cache
 
 

@@ -198,7 +198,7 @@ def test_streams_text_and_prints_timings(smollm2_path, smollm2_reference):
     err = proc.stderr
     assert "Traceback" not in err
     assert re.search(r"load time = +[\d.]+ ms", err), err
-    assert re.search(r"decode attention = (kernel|xla \(.+\))\n", err), err
+    assert re.search(r"decode kernels = (native|xla \(.+\))\n", err), err
     assert re.search(r"prompt eval time = +[\d.]+ ms / +15 tokens \( *[\d.]+ tokens per second\)", err), err
     assert re.search(r"eval time = +[\d.]+ ms / +20 runs +\( *[\d.]+ tokens per second\)", err), err
 
@@ -224,6 +224,6 @@ def test_json_output(smollm2_path, smollm2_reference):
     assert t["compile_s"] > 0
     from llava_jax import cpu_kernels
 
-    kernel = cpu_kernels.decode_attention_kernel() is not None
-    assert out["decode_attention"] == "kernel" if kernel else out["decode_attention"].startswith("xla (")
+    native = cpu_kernels.kernels_available()
+    assert out["decode_kernels"] == "native" if native else out["decode_kernels"].startswith("xla (")
     assert "Traceback" not in proc.stderr

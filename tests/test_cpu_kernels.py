@@ -1,4 +1,5 @@
-"""The native decode-attention kernel (`cpu_kernels`) computes what `text._attention` computes.
+"""The native decode kernels (`cpu_kernels`) compute what XLA computes: attention as `text._attention`,
+`gemv` as `text.project`'s einsum.
 
 Random f32 operands in the per-layer cache layout (transposed keys, size-1 lead dims dropped),
 ragged left-padded rows, padding queries, columns that split into several chunks (the kernel merges
@@ -21,8 +22,8 @@ import pytest
 from llava_jax import cpu_kernels, text
 from llava_jax.errors import LlavaError
 
-pytestmark = pytest.mark.skipif(cpu_kernels.decode_attention_kernel() is None,
-                                reason=f"decode-attention kernel {cpu_kernels.kernel_status()}")
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(),
+                                reason=f"decode kernels {cpu_kernels.kernel_status()}")
 
 
 def operands(rng, b, n_kv, g, d, s, scale=1.0):
@@ -105,7 +106,7 @@ def test_engine_refuses_kernel_where_it_does_not_apply():
     assert decode_kernel_applies(mesh, jnp.float32, scan_layers=False)
     assert not decode_kernel_applies(mesh, jnp.bfloat16, scan_layers=False)
     assert not decode_kernel_applies(mesh, jnp.float32, scan_layers=True)
-    with pytest.raises(LlavaError, match="decode-attention kernel needs"):
+    with pytest.raises(LlavaError, match="decode kernels need"):
         TextEngine(None, {}, mesh, jnp.float32, scan_layers=True, fuse_projections=False, decode_kernel=True)
 
 
@@ -125,7 +126,7 @@ def test_without_the_kernel_the_xla_path_is_used(tmp_path, env, reason):
     """No compiler (or the switch off): no kernel, a reason, and an engine that decodes with XLA."""
     code = (
         "from llava_jax import cpu_kernels\n"
-        "assert cpu_kernels.decode_attention_kernel() is None\n"
+        "assert not cpu_kernels.kernels_available()\n"
         "print(cpu_kernels.kernel_status())\n"
     )
     env = {**os.environ, "LLAVA_JAX_CACHE": str(tmp_path), **env}
@@ -133,3 +134,47 @@ def test_without_the_kernel_the_xla_path_is_used(tmp_path, env, reason):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert reason in proc.stdout
     assert not list(tmp_path.glob("kernels/*.so"))
+
+
+GEMV_CASES = [  # rows M (as x's lead shape), N outputs, K inputs
+    ((1, 1), 960, 576),  # SmolLM2's fused q/k/v in a decode step
+    ((1,), 49152 // 16, 576),  # an lm-head-like wide product
+    ((3, 1), 576, 1536),  # three decode rows
+    ((8,), 37, 19),  # N not a multiple of 4, K not a multiple of 16, fewer rows than one piece
+    ((2, 2), 5, 3),  # tiny: one piece, scalar tails only
+]
+
+
+@pytest.mark.parametrize("lead,n,k", GEMV_CASES)
+def test_gemv_equals_xla_dot(lead, n, k):
+    """f32 sums in another order: within 1e-5 relative to the size of the terms (K products of O(1))."""
+    rng = np.random.default_rng(n + k)
+    x = jnp.asarray(rng.standard_normal((*lead, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((n, k)), jnp.float32)
+    want = np.asarray(jnp.einsum("...i,oi->...o", x, w, precision="highest"))
+    got = np.asarray(jax.jit(cpu_kernels.gemv)(x, w))
+    assert got.shape == (*lead, n)
+    np.testing.assert_allclose(got, want, atol=1e-5 * np.sqrt(k), rtol=0)
+
+
+def test_project_uses_gemv_only_where_it_applies():
+    """`text.project(kernel=True)`: a few f32 rows go to the custom call, more rows or bf16 to XLA's dot."""
+    w = jnp.ones((16, 32), jnp.float32)
+
+    def custom_calls(x, dtype=jnp.float32):
+        hlo = jax.jit(lambda x, w: text.project(x, w, dtype, kernel=True)).lower(x, w).as_text()
+        return hlo.count(cpu_kernels.GEMV)
+
+    assert custom_calls(jnp.ones((1, 1, 32))) == 1
+    assert custom_calls(jnp.ones((cpu_kernels.GEMV_MAX_ROWS, 32))) == 1
+    assert custom_calls(jnp.ones((cpu_kernels.GEMV_MAX_ROWS + 1, 32))) == 0
+    assert custom_calls(jnp.ones((1, 32)), jnp.bfloat16) == 0
+
+
+def test_gemv_refuses_what_it_cannot_take():
+    with pytest.raises(ValueError, match="gemv takes"):
+        cpu_kernels.gemv(jnp.ones((cpu_kernels.GEMV_MAX_ROWS + 1, 4)), jnp.ones((3, 4)))
+    with pytest.raises(ValueError, match="gemv takes"):
+        cpu_kernels.gemv(jnp.ones((1, 4)), jnp.ones((3, 5)))
+    with pytest.raises(ValueError, match="gemv takes"):
+        cpu_kernels.gemv(jnp.ones((1, 4), jnp.bfloat16), jnp.ones((3, 4), jnp.bfloat16))

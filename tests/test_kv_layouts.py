@@ -74,12 +74,13 @@ def test_causal_blocks_equal_full_attention():
 
 @pytest.mark.parametrize("batch,n_kv_heads", [(1, 2), (2, 2), (3, 1)])
 def test_decode_kernel_equals_xla_attention(batch, n_kv_heads):
-    """Decode steps through `cpu_kernels.decode_attention` (per-layer cache) vs XLA's attention over the
-    stacked cache, ragged left-padded rows: float32 rounding (the kernel sums in another order)."""
+    """Decode steps through the native kernels (`cpu_kernels.decode_attention` on the per-layer cache,
+    `cpu_kernels.gemv` for the weights) vs XLA's attention and dots over the stacked cache, ragged
+    left-padded rows: float32 rounding (the kernels sum in another order)."""
     from llava_jax import cpu_kernels
 
-    if cpu_kernels.decode_attention_kernel() is None:
-        pytest.skip(f"decode-attention kernel {cpu_kernels.kernel_status()}")
+    if not cpu_kernels.kernels_available():
+        pytest.skip(f"decode kernels {cpu_kernels.kernel_status()}")
     cfg = tiny_cfg(n_kv_heads)
     rng = np.random.default_rng(batch + 7 * n_kv_heads)
     t, length = 12, 32
@@ -89,4 +90,5 @@ def test_decode_kernel_equals_xla_attention(batch, n_kv_heads):
                                             KVCache.zeros(cfg, batch, length, jnp.float32), 0, kv_start, t)
     stacked = run(cfg, params, tokens, kv_start, per_layer=False, length=length, n_decode=6)
     kernel = run(cfg, params, tokens, kv_start, per_layer=True, length=length, n_decode=6, decode_kernel=True)
-    np.testing.assert_allclose(kernel, stacked, atol=1e-5, rtol=0)
+    # Logits reach ~40 here: f32 rounding is ~1e-6 of that, plus 1e-5 absolute for the small ones.
+    np.testing.assert_allclose(kernel, stacked, atol=1e-5, rtol=1e-6)
