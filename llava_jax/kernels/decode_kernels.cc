@@ -121,6 +121,12 @@ struct Problem {
     return std::min<int64_t>(std::max<int64_t>(kv_start[i / hkv], 0), col);
   }
 
+  // A unit of work: columns [c0, c0 + len) of row i, and where its partial max, sum and output go.
+  struct Span {
+    int64_t i, c0, len;
+    float *m, *l, *o;
+  };
+  Span Begin(int64_t unit);  // an empty span's partials are written here (max -inf, sum 0)
   // Columns [c0, c1) of row i, all G heads: partial max, sum and unnormalized output.
   void Unit(int64_t unit, std::vector<float>& scores);  // any Dh
   template <int NV>
@@ -134,21 +140,25 @@ struct Problem {
   }
 };
 
-void Problem::Unit(int64_t unit, std::vector<float>& scores) {
+Problem::Span Problem::Begin(int64_t unit) {
   const int64_t i = unit / chunks, c = unit % chunks;
   const int64_t first = lo(i), total = col + 1 - first;
   const int64_t c0 = first + total * c / chunks, c1 = first + total * (c + 1) / chunks;
-  const int64_t len = c1 - c0;
   const size_t at = static_cast<size_t>((i * chunks + c) * g);
-  float* mp = m.data() + at;
-  float* lp = l.data() + at;
-  float* op = o.data() + at * dh;
-  if (len <= 0) {
-    std::fill(mp, mp + g, -INFINITY);
-    std::fill(lp, lp + g, 0.0f);
-    std::fill(op, op + g * dh, 0.0f);
-    return;
+  Span span{i, c0, c1 - c0, m.data() + at, l.data() + at, o.data() + at * dh};
+  if (span.len <= 0) {
+    std::fill(span.m, span.m + g, -INFINITY);
+    std::fill(span.l, span.l + g, 0.0f);
+    std::fill(span.o, span.o + g * dh, 0.0f);
   }
+  return span;
+}
+
+void Problem::Unit(int64_t unit, std::vector<float>& scores) {
+  const Span span = Begin(unit);
+  if (span.len <= 0) return;
+  const int64_t i = span.i, c0 = span.c0, len = span.len;
+  float *mp = span.m, *lp = span.l, *op = span.o;
   scores.assign(static_cast<size_t>(g * len), 0.0f);
   const float* qi = q + i * g * dh;
   const float* ki = kt + i * dh * s + c0;
@@ -208,20 +218,10 @@ template <int NV>
 void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   constexpr int64_t DH = 8 * NV;
   constexpr int64_t kRows = 8;  // key rows (head dims) per pass: eight streams, eight vectors in registers
-  const int64_t i = unit / chunks, c = unit % chunks;
-  const int64_t first = lo(i), total = col + 1 - first;
-  const int64_t c0 = first + total * c / chunks, c1 = first + total * (c + 1) / chunks;
-  const int64_t len = c1 - c0;
-  const size_t at = static_cast<size_t>((i * chunks + c) * g);
-  float* mp = m.data() + at;
-  float* lp = l.data() + at;
-  float* op = o.data() + at * DH;
-  if (len <= 0) {
-    std::fill(mp, mp + g, -INFINITY);
-    std::fill(lp, lp + g, 0.0f);
-    std::fill(op, op + g * DH, 0.0f);
-    return;
-  }
+  const Span span = Begin(unit);
+  if (span.len <= 0) return;
+  const int64_t i = span.i, c0 = span.c0, len = span.len;
+  float *mp = span.m, *lp = span.l, *op = span.o;
   const int64_t full = len / 8 * 8, padded = full + 8;  // whole vectors of columns; a scalar tail
   scores.assign(static_cast<size_t>(g * padded), 0.0f);
   const float* qi = q + i * g * DH;
