@@ -4,10 +4,11 @@
 // Why: a decode step reads every weight once (f32 SmolLM2: 538 MB per token) and is bound by memory
 // speed; what decides its time is how fully both cores keep the memory busy and how little they wait
 // between the ~120 products. XLA:CPU runs one-token attention as small batched dots plus a softmax
-// over the whole static window, well below memory speed, and its products (Eigen) split the rows
-// unevenly between the threads. Here attention reads only the valid columns, each key / value column
-// once for all query heads that share it, and both kernels cut their work into more pieces than there
-// are threads, taken from one atomic counter by the calling thread and XLA's intra-op threads.
+// over the whole static window, well below memory speed, and its products streamed SmolLM2's weights
+// at ~21 GB/s on the 2-core VM where one sequential stream per thread reaches ~24 (BENCHMARKS.md).
+// Here attention reads only the valid columns, each key / value column once for all query heads that
+// share it, and both kernels cut their work into more pieces than there are threads, taken from one
+// atomic counter by the calling thread and XLA's intra-op threads.
 //
 // Attention (`LlavaDecodeAttention`):
 //   q        f32 [N, G, Dh]   N = B * Hkv (row-major b, kv head), G query heads per kv head
@@ -212,8 +213,10 @@ void Problem::Unit(int64_t unit, std::vector<float>& scores) {
 }
 
 // Unit for Dh = 8 * NV in eight-lane vectors. Scores: eight key rows (head dims) per pass, read as
-// eight streams and kept in registers while every query head of the row adds its part; the values are
-// prefetched meanwhile. Values: a block of columns at a time (in L1), one head's sums in registers.
+// eight streams and kept in registers while every query head of the row adds its part; meanwhile two
+// lines of values are prefetched per eight columns and pass (Dh = 64: the first half of the values;
+// prefetching all of them measured no faster). Values: a block of columns at a time (in L1), one
+// head's sums in registers.
 template <int NV>
 void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   constexpr int64_t DH = 8 * NV;
@@ -229,7 +232,7 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   const float* vi = v + (i * s + c0) * DH;
   const char* vbytes = reinterpret_cast<const char*>(vi);
   const int64_t vlen = len * DH * 4;
-  int64_t vfetch = 0;  // the values are prefetched while the scores are computed
+  int64_t vfetch = 0;  // bytes of values prefetched so far
   float qs[kMaxHeads * DH];  // scaled queries [g][DH] (Dispatch: g <= kMaxHeads)
   for (int64_t e = 0; e < g * DH; ++e) qs[e] = qi[e] * scale;
   for (int64_t d0 = 0; d0 < DH; d0 += kRows) {
