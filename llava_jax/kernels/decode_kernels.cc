@@ -105,6 +105,28 @@ inline void CpuRelax() {
 #endif
 }
 
+// Runs body(piece) for every piece in [0, count) on the calling thread and up to threads - 1 of XLA's
+// intra-op threads, each taking the next piece from one atomic counter, and returns when all are done.
+// `body` is copied into the helpers: it must hold what it reads by value (shared_ptr), since a helper
+// that starts after the last piece was taken runs past this call (and then does nothing).
+template <typename Body>
+void ShareAmongThreads(ffi::ThreadPool& pool, int64_t count, const Body& body) {
+  struct Counters {
+    std::atomic<int64_t> next{0}, done{0};
+  };
+  auto counters = std::make_shared<Counters>();
+  auto run = [counters, body, count] {
+    for (int64_t piece; (piece = counters->next.fetch_add(1)) < count;) {
+      body(piece);
+      counters->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  for (int64_t t = 0; t + 1 < std::min(threads, count); ++t) pool.Schedule(decltype(run)(run));  // a copy each
+  run();
+  while (counters->done.load(std::memory_order_acquire) < count) CpuRelax();
+}
+
 struct Problem {
   const float* q;
   const float* kt;
@@ -115,7 +137,6 @@ struct Problem {
   float scale;
   // Per (row i, chunk c, head h): running max, sum of exponentials, unnormalized output [Dh].
   std::vector<float> m, l, o;
-  std::atomic<int64_t> next{0}, done{0};
 
   int64_t lo(int64_t i) const {
     // A padding row (column < kv_start) sees only its own column, as in text.attention_mask.
@@ -128,17 +149,11 @@ struct Problem {
     float *m, *l, *o;
   };
   Span Begin(int64_t unit);  // an empty span's partials are written here (max -inf, sum 0)
-  // Columns [c0, c1) of row i, all G heads: partial max, sum and unnormalized output.
+  // One span, all G heads: partial max, sum and unnormalized output. `scores` is the thread's scratch.
   void Unit(int64_t unit, std::vector<float>& scores);  // any Dh
   template <int NV>
   void UnitVec(int64_t unit, std::vector<float>& scores);  // Dh = 8 * NV
-  void Dispatch(int64_t unit, std::vector<float>& scores);
-  void RunUnits(std::vector<float>& scores) {
-    for (int64_t u; (u = next.fetch_add(1)) < n * chunks;) {
-      Dispatch(u, scores);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
+  void Dispatch(int64_t unit);  // the vectorized path where it applies, else Unit
 };
 
 Problem::Span Problem::Begin(int64_t unit) {
@@ -303,16 +318,17 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   }
 }
 
-void Problem::Dispatch(int64_t unit, std::vector<float>& scores) {
+void Problem::Dispatch(int64_t unit) {
+  thread_local std::vector<float> scores;  // reused across calls on each thread
   if (g > kMaxHeads) return Unit(unit, scores);
   switch (dh) {
+    case 8: return UnitVec<1>(unit, scores);
+    case 16: return UnitVec<2>(unit, scores);
     case 32: return UnitVec<4>(unit, scores);
     case 64: return UnitVec<8>(unit, scores);
     case 80: return UnitVec<10>(unit, scores);
     case 96: return UnitVec<12>(unit, scores);
     case 128: return UnitVec<16>(unit, scores);
-    case 8: return UnitVec<1>(unit, scores);
-    case 16: return UnitVec<2>(unit, scores);
     default: return Unit(unit, scores);
   }
 }
@@ -348,17 +364,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const size_t parts = static_cast<size_t>(n * p->chunks * g);
   p->m.resize(parts), p->l.resize(parts), p->o.resize(parts * dh);
 
-  const int64_t units = n * p->chunks;
-  const int64_t helpers = std::min<int64_t>(threads, units) - 1;
-  // Helpers hold the problem by shared_ptr: one that starts after all units are taken just returns.
-  for (int64_t t = 0; t < helpers; ++t)
-    pool.Schedule([p] {
-      std::vector<float> scores;
-      p->RunUnits(scores);
-    });
-  std::vector<float> scores;
-  p->RunUnits(scores);
-  while (p->done.load(std::memory_order_acquire) < units) CpuRelax();
+  ShareAmongThreads(pool, n * p->chunks, [p](int64_t unit) { p->Dispatch(unit); });
 
   // Merge the chunks of each (row, head): rescale to the common max, then normalize.
   for (int64_t i = 0; i < n; ++i) {
@@ -408,21 +414,17 @@ struct GemvJob {
   const float* x;
   const float* w;
   float* y;
-  int64_t m, n, k, blocks;
-  std::atomic<int64_t> next{0}, done{0};
+  int64_t m, n, k, pieces;
 
-  // Pieces of consecutive rows; each weight row is read once (from memory) for all m inputs.
-  void Run() {
-    for (int64_t piece; (piece = next.fetch_add(1)) < blocks;) {
-      const int64_t r0 = n * piece / blocks, r1 = n * (piece + 1) / blocks;
-      for (int64_t r = r0; r < r1; ++r)
-        for (int64_t i = 0; i < m; ++i) y[i * n + r] = RowDot(w + r * k, k, x + i * k);
-      done.fetch_add(1, std::memory_order_release);
-    }
+  // Piece `piece` of the consecutive rows; each weight row is read once (from memory) for all m inputs.
+  void Rows(int64_t piece) const {
+    const int64_t r0 = n * piece / pieces, r1 = n * (piece + 1) / pieces;
+    for (int64_t r = r0; r < r1; ++r)
+      for (int64_t i = 0; i < m; ++i) y[i * n + r] = RowDot(w + r * k, k, x + i * k);
   }
 };
 
-constexpr int64_t kGemvBlocksPerThread = 8;  // pieces per thread: evens out a slow thread
+constexpr int64_t kGemvPiecesPerThread = 8;  // pieces per thread: evens out a slow thread
 constexpr int64_t kGemvMinRows = 16;         // rows per piece at least
 
 ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> w,
@@ -434,11 +436,8 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   job->x = x.typed_data(), job->w = w.typed_data(), job->y = y->typed_data();
   job->m = xd[0], job->n = wd[0], job->k = wd[1];
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->blocks = std::max<int64_t>(1, std::min(threads * kGemvBlocksPerThread, job->n / kGemvMinRows));
-  const int64_t helpers = std::min(threads, job->blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([job] { job->Run(); });
-  job->Run();
-  while (job->done.load(std::memory_order_acquire) < job->blocks) CpuRelax();
+  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
+  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) { job->Rows(piece); });
   return ffi::Error::Success();
 }
 
