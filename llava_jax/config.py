@@ -99,27 +99,10 @@ class TextConfig:
         )
 
     def expected_tensors(self) -> dict[str, tuple[int, ...]]:
-        """GGUF tensor name → numpy-order shape, for every tensor the decoder reads."""
-        d, q, kv, f = self.dim, self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim, self.ffn_dim
-        shapes: dict[str, tuple[int, ...]] = {"token_embd.weight": (self.vocab_size, d), "output_norm.weight": (d,)}
-        if not self.tied_output:
-            shapes["output.weight"] = (self.vocab_size, d)
-        if self.has_rope_freqs:
-            shapes["rope_freqs.weight"] = (self.rope_dim // 2,)
-        for i in range(self.n_layers):
-            p = f"blk.{i}."
-            shapes |= {
-                p + "attn_norm.weight": (d,),
-                p + "attn_q.weight": (q, d),
-                p + "attn_k.weight": (kv, d),
-                p + "attn_v.weight": (kv, d),
-                p + "attn_output.weight": (d, q),
-                p + "ffn_norm.weight": (d,),
-                p + "ffn_gate.weight": (f, d),
-                p + "ffn_up.weight": (f, d),
-                p + "ffn_down.weight": (d, f),
-            }
-        return shapes
+        """GGUF tensor name → numpy-order shape, for every tensor the decoder reads (`weights.TEXT_WEIGHTS`)."""
+        from llava_jax.weights import expected_tensors
+
+        return expected_tensors(self)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,7 +9,10 @@ Two kernels (`kernels/decode_kernels.cc`), used by one-token decode steps on one
   memory speed; each thread streams its rows sequentially (the pattern the hardware prefetcher follows
   best), in 8 pieces per thread taken from one counter so a slowed thread does less. On the 2-core VM
   a chain of SmolLM2's 121 products streams ~24 GB/s this way vs ~21 GB/s with XLA's dots.
-Both run on XLA's intra-op threads. The pure-XLA paths (`text.attention`, `text.Linear`'s einsum) stay
+- `qgemv`: the same products over weights kept in GGUF's block formats (`qtensor.QTensor`): each
+  block is unpacked and scaled into an L1-resident buffer and multiplied into every input row, so a
+  decode step reads the packed bytes (Q4_K: 4.5 bits a weight) instead of f32.
+All run on XLA's intra-op threads. The pure-XLA paths (`text.attention`, `text.Linear`'s einsum) stay
 the reference; tests hold the kernels to them within f32 rounding.
 
 The C++ source ships with the package and is compiled on first use with the system C++ compiler
@@ -36,11 +39,19 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import jaxlib
+import numpy as np
+from gguf import GGMLQuantizationType as Q
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_kernels.cc"
-TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv"}  # name: symbol
-ATTENTION, GEMV = TARGETS
+TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv",
+           "llava_jax_qgemv": "LlavaQGemv"}  # name: symbol
+ATTENTION, GEMV, QGEMV = TARGETS
 GEMV_MAX_ROWS = 8  # more input rows than this: XLA's dot (a skinny matrix product, not a gemv)
+QGEMV_MAX_ROWS = 16  # the quantized product's limit (kQGemvMaxRows in the source)
+# Block formats the quantized product reads directly (ggml type → values per unit the kernel reads);
+# F16 / BF16 are read 32 values at a time, so their rows must hold a multiple of 32.
+QGEMV_UNITS = {Q.F16: 32, Q.BF16: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q8_0: 32,
+               Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
 # No -ffast-math: `#pragma omp simd` (-fopenmp-simd) is what lets the reductions vectorize.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "LLAVA_JAX_CPU_KERNELS"
@@ -157,3 +168,27 @@ def gemv(x: jax.Array, w: jax.Array) -> jax.Array:
     y = jax.ffi.ffi_call(GEMV, jax.ShapeDtypeStruct((math.prod(lead), w.shape[0]), jnp.float32))(
         x.reshape(-1, x.shape[-1]), w)
     return y.reshape(*lead, w.shape[0])
+
+
+def qgemv_applies(x_shape: tuple[int, ...], x_dtype, qtype, k: int) -> bool:
+    """Whether `qgemv` takes x @ dequantize(w).T: f32 x with at most QGEMV_MAX_ROWS rows, a type it reads,
+    rows of `k` values in whole units."""
+    rows = math.prod(x_shape[:-1])
+    unit = QGEMV_UNITS.get(qtype)
+    return (unit is not None and 0 < rows <= QGEMV_MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32
+            and k % unit == 0)
+
+
+def qgemv(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
+    """x f32 [..., K] (at most QGEMV_MAX_ROWS rows), blocks uint8 [N, K / block_size, type_size] (a GGUF
+    matrix's rows in its own block format) → f32 [..., N] = x @ dequantize(blocks).T."""
+    _require()
+    n, k = blocks.shape[0], x.shape[-1]
+    if blocks.ndim != 3 or blocks.dtype != jnp.uint8 or not qgemv_applies(x.shape, x.dtype, qtype, k):
+        raise ValueError(f"qgemv takes f32 x [..., K] with <= {QGEMV_MAX_ROWS} rows and uint8 blocks [N, nb, bytes] "
+                         f"of a type in QGEMV_UNITS; got {x.dtype}{list(x.shape)}, {blocks.dtype}{list(blocks.shape)} "
+                         f"{getattr(qtype, 'name', qtype)}")
+    lead = x.shape[:-1]
+    y = jax.ffi.ffi_call(QGEMV, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
+        x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
+    return y.reshape(*lead, n)

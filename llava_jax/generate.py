@@ -29,7 +29,7 @@ from llava_jax import cpu_kernels
 from llava_jax.config import TextConfig
 from llava_jax.errors import LlavaError
 from llava_jax.params import fuse_projections as fuse
-from llava_jax.params import split_projections
+from llava_jax.params import fused_groups, split_projections
 from llava_jax.sampling import SamplingParams, init_recent, push_recent, sample_next
 from llava_jax.sharding import KV_CACHE_AXES, ShardingRules, sharding_for
 from llava_jax.text import Decoder, KVCache, per_layer_axes, per_layer_shapes
@@ -156,13 +156,16 @@ class TextEngine:
 
     def __init__(self, cfg: TextConfig, params: dict, mesh, dtype, scan_layers: bool = False,
                  rules: ShardingRules = ShardingRules(), chunk: int = 16, fuse_projections: bool | None = None,
-                 buckets: Buckets = Buckets(), decode_kernel: bool | None = None):
-        """params: GGUF-named (`params.load_text_params`). fuse_projections (default: when the mesh's
-        `model` axis has one device) replaces them by `params.fuse_projections`' layout, kept in
-        `self.params`; `canonical_params()` gives the GGUF-named layout back. decode_kernel (default:
-        where they apply and build, see `decode_kernel_applies`) runs decode steps' attention and weight
-        products through the native kernels (`cpu_kernels`) instead of XLA's dots."""
+                 buckets: Buckets = Buckets(), decode_kernel: bool | None = None, kv_dtype=None):
+        """params: from `params.load_text_params`, in any layout it builds (fused or not, plain arrays or
+        `QTensor` blocks). fuse_projections (default: when the mesh's `model` axis has one device) fuses
+        plain GGUF-named q/k/v and gate/up weights still apart (`params.fuse_projections`; load fuses at
+        load time already); `canonical_params()` gives the GGUF-named layout back. decode_kernel
+        (default: where they apply and build, see `decode_kernel_applies`) runs decode steps' attention
+        and weight products through the native kernels (`cpu_kernels`) instead of XLA's dots. kv_dtype:
+        the KV cache's dtype (default: the compute dtype; f16 halves it, as llama.cpp's `-ctk/-ctv f16`)."""
         self.cfg, self.mesh, self.dtype, self.rules, self.chunk, self.buckets = cfg, mesh, dtype, rules, chunk, buckets
+        self.kv_dtype = jnp.dtype(kv_dtype if kv_dtype is not None else dtype)
         if fuse_projections is None:
             fuse_projections = mesh.shape["model"] == 1
         self.params = fuse(params, mesh, rules) if fuse_projections else params
@@ -181,7 +184,7 @@ class TextEngine:
         else:
             self.decode_kernels = "native"
         decode_kernel = self.decode_kernels == "native"
-        self.model = Decoder(cfg, dtype, scan_layers, fuse_projections, decode_kernel)
+        self.model = Decoder(cfg, dtype, scan_layers, fused_groups(self.params), decode_kernel)
         self._compiled: dict = {}
         self._forward = jax.jit(self._forward_impl, static_argnames=("kv_window",), donate_argnames=("cache",))
         self._decode = jax.jit(self._decode_impl, static_argnames=("n_steps", "kv_window", "sampling"),
@@ -257,11 +260,11 @@ class TextEngine:
                 batch, self.cfg.n_kv_heads)
             k_sharding, v_sharding = (sharding_for(s, a, self.mesh, self.rules) for s, a in ((k_shape, k_axes),
                                                                                              (v_shape, v_axes)))
-            buffers = _zeros((k_shape,) * n + (v_shape,) * n, self.dtype, (k_sharding,) * n + (v_sharding,) * n)()
+            buffers = _zeros((k_shape,) * n + (v_shape,) * n, self.kv_dtype, (k_sharding,) * n + (v_sharding,) * n)()
             return KVCache(buffers[:n], buffers[n:])
         shape = (self.cfg.n_layers, batch, length, self.cfg.n_kv_heads, self.cfg.head_dim)
         sharding = sharding_for(shape, (None, *KV_CACHE_AXES), self.mesh, self.rules)
-        return KVCache(*_zeros((shape, shape), self.dtype, (sharding, sharding))())
+        return KVCache(*_zeros((shape, shape), self.kv_dtype, (sharding, sharding))())
 
     def _batch_array(self, x: np.ndarray) -> jax.Array:
         axes = ("batch",) + (None,) * (x.ndim - 1)

@@ -39,26 +39,6 @@ class ShardingRules:
         return None if logical is None else getattr(self, logical)
 
 
-# GGUF tensor kind (the name part before `.weight`) → logical axes of its numpy-order shape.
-# Text decoder weights keep GGUF's [out, in] layout.
-TEXT_PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "token_embd": ("vocab", "embed"),
-    "output": ("vocab", "embed"),
-    "output_norm": ("embed",),
-    "rope_freqs": (None,),
-    "attn_norm": ("embed",),
-    "ffn_norm": ("embed",),
-    "attn_q": ("heads", "embed"),
-    "attn_k": ("kv_heads", "embed"),
-    "attn_v": ("kv_heads", "embed"),
-    "attn_output": ("embed", "heads"),
-    "ffn_gate": ("ffw", "embed"),
-    "ffn_up": ("ffw", "embed"),
-    "ffn_down": ("embed", "ffw"),
-    # fused projections (params.fuse_projections; only made when the `model` axis has one device)
-    "attn_qkv": ("heads", "embed"),
-    "ffn_gate_up": ("ffw", "embed"),
-}
 KV_CACHE_AXES = ("batch", "seq", "kv_heads", "head_dim")  # [B, S, Hkv, Dh]
 
 
@@ -98,7 +78,8 @@ def sharding_for(shape, axes, mesh: Mesh, rules: ShardingRules = ShardingRules()
 
 
 def text_param_axes(gguf_name: str) -> tuple[str | None, ...]:
-    """Logical axes of a text-decoder tensor from its GGUF name ("blk.3.attn_q.weight" → ("heads", "embed"))."""
-    parts = gguf_name.split(".")
-    kind = parts[-2] if parts[-1] in ("weight", "bias") else parts[-1]
-    return TEXT_PARAM_AXES[kind]
+    """Logical axes of a text-decoder tensor from its GGUF name ("blk.3.attn_q.weight" → ("heads", "embed")),
+    as `weights.TEXT_WEIGHTS` declares them."""
+    from llava_jax import weights
+
+    return weights.axes_of(weights.kind_of(gguf_name))

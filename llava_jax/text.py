@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 from llava_jax import cpu_kernels
 from llava_jax.config import TextConfig
+from llava_jax.qtensor import QTensor
 
 Array = jax.Array
 
@@ -95,27 +96,42 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
-def project(x: Array, w: Array, dtype, kernel: bool = False, out_dtype=None) -> Array:
+def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype=None) -> Array:
     """x [..., in] @ w.T for w `[out, in]` (GGUF's layout), computed in `dtype` (result in out_dtype,
-    default dtype). kernel: a few f32 rows (a decode step) go through `cpu_kernels.gemv` (XLA:CPU, one
-    device) instead of XLA's dot."""
+    default dtype). w is a plain array or a `QTensor` (GGUF blocks, dequantized here: inside the compiled
+    program, a temporary of this one weight). kernel: a few f32 rows (a decode step) go through
+    `cpu_kernels.gemv` / `qgemv` (XLA:CPU, one device) instead of XLA's dot, reading blocks directly."""
     x = x.astype(dtype)
+    if isinstance(w, QTensor):
+        if kernel and cpu_kernels.qgemv_applies(x.shape, x.dtype, w.qtype, w.shape[1]):
+            return cpu_kernels.qgemv(x, w.blocks, w.qtype).astype(out_dtype or dtype)
+        w = w.dequantize(dtype)
     if kernel and cpu_kernels.gemv_applies(x.shape, x.dtype, w.dtype):
-        return cpu_kernels.gemv(x, w)
+        return cpu_kernels.gemv(x, w).astype(out_dtype or dtype)
     return jnp.einsum("...i,oi->...o", x, w, precision=_precision(dtype), preferred_element_type=out_dtype)
 
 
+
+def weight_param(module: nn.Module, shape: tuple[int, ...], dtype, init) -> Array | QTensor:
+    """The module's "weight": as stored when present (a plain array or a `QTensor`, whose leaves Flax's
+    shape check would reject), else initialized to `shape` (`init`)."""
+    if module.has_variable("params", "weight"):
+        return module.get_variable("params", "weight")
+    return module.param("weight", init, shape, dtype)
+
+
 class Linear(nn.Module):
-    """y = x @ W.T with W stored `[out, in]` as in GGUF."""
+    """y = x @ W.T with W stored `[out, in]` as in GGUF (a plain array or a `QTensor`)."""
 
     features: int
     dtype: jnp.dtype = jnp.float32
-    kernel: bool = False  # decode rows by `cpu_kernels.gemv` (see `project`)
+    kernel: bool = False  # decode rows by `cpu_kernels.gemv` / `qgemv` (see `project`)
+    out_dtype: jnp.dtype | None = None  # the result's dtype (default: dtype)
 
     @nn.compact
     def __call__(self, x: Array) -> Array:
-        w = self.param("weight", nn.initializers.normal(0.02), (self.features, x.shape[-1]), self.dtype)
-        return project(x, w, self.dtype, self.kernel)
+        w = weight_param(self, (self.features, x.shape[-1]), self.dtype, nn.initializers.normal(0.02))
+        return project(x, w, self.dtype, self.kernel, self.out_dtype)
 
 
 class RMSNorm(nn.Module):
@@ -137,14 +153,26 @@ class Embedding(nn.Module):
     dtype: jnp.dtype = jnp.float32
 
     def setup(self):
-        self.weight = self.param("weight", nn.initializers.normal(1.0), (self.vocab_size, self.dim), self.dtype)
+        self.weight = weight_param(self, (self.vocab_size, self.dim), self.dtype, nn.initializers.normal(1.0))
 
     def __call__(self, ids: Array) -> Array:
+        if isinstance(self.weight, QTensor):  # only the looked-up rows are dequantized
+            return self.weight.take_rows(ids, self.dtype)
         return jnp.take(self.weight, ids, axis=0)
 
     def attend(self, h: Array, kernel: bool = False) -> Array:
         """f32 [..., D] → f32 logits [..., V] (kernel: as in `project`)."""
         return project(h, self.weight, self.dtype, kernel, out_dtype=jnp.float32)
+
+
+class RopeFreqs(nn.Module):
+    """llama3.1-style per-frequency divisors, GGUF's `rope_freqs.weight` (params["rope_freqs"]["weight"])."""
+
+    n: int
+
+    @nn.compact
+    def __call__(self) -> Array:
+        return self.param("weight", nn.initializers.ones, (self.n,), jnp.float32)
 
 
 def rope_angles(positions: Array, cfg: TextConfig, freq_factors: Array | None = None) -> tuple[Array, Array]:
@@ -266,7 +294,7 @@ class Block(nn.Module):
     dtype: jnp.dtype
     kv_window: int
     index: int | None = None  # static layer index when unrolled; None under nn.scan (from the carry)
-    fused: bool = False  # q/k/v and gate/up as one weight each (`params.fuse_projections`)
+    fused: frozenset[str] = frozenset()  # fused weights present (`weights.FUSE_GROUPS`: attn_qkv, ffn_gate_up)
     decode_kernel: bool = False  # the native decode kernels: `cpu_kernels.decode_attention` for one-token steps
     # on a per-layer cache, `cpu_kernels.gemv` for products of <= GEMV_MAX_ROWS rows
 
@@ -278,7 +306,7 @@ class Block(nn.Module):
         b, t, _ = x.shape
         h = RMSNorm(cfg.rms_eps, name="attn_norm")(x)
         n_q, n_kv = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
-        if self.fused:
+        if "attn_qkv" in self.fused:
             qkv = Linear(n_q + 2 * n_kv, dtype, kern, name="attn_qkv")(h)
             q, k, v = qkv[..., :n_q], qkv[..., n_q:n_q + n_kv], qkv[..., n_q + n_kv:]
         else:
@@ -290,7 +318,7 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, keys, values = write_and_read_cache(cache, layer if self.index is None else self.index, write_index,
                                                    k, v, self.kv_window)
-        if self.decode_kernel and t == 1 and cache.per_layer:
+        if self.decode_kernel and t == 1 and cache.per_layer and cache.k[self.index].dtype == jnp.float32:
             # The whole per-layer buffers: the kernel reads only columns kv_start..write_index.
             attn = cpu_kernels.decode_attention(q, cache.k[self.index], cache.v[self.index], kv_start, write_index)
         else:
@@ -298,7 +326,7 @@ class Block(nn.Module):
         x = x + Linear(cfg.dim, dtype, kern, name="attn_output")(attn).astype(jnp.float32)
 
         h = RMSNorm(cfg.rms_eps, name="ffn_norm")(x)
-        if self.fused:
+        if "ffn_gate_up" in self.fused:
             gate_up = Linear(2 * cfg.ffn_dim, dtype, kern, name="ffn_gate_up")(h).astype(jnp.float32)
             gate, up = gate_up[..., :cfg.ffn_dim], gate_up[..., cfg.ffn_dim:]
         else:
@@ -319,7 +347,7 @@ class Decoder(nn.Module):
     cfg: TextConfig
     dtype: jnp.dtype = jnp.float32
     scan_layers: bool = False
-    fused_projections: bool = False  # params from `params.fuse_projections` (attn_qkv, ffn_gate_up)
+    fused_projections: frozenset[str] = frozenset()  # fused weights present (`weights.FUSE_GROUPS`), see Block
     decode_kernel: bool = False  # the native decode kernels (`cpu_kernels`; XLA:CPU, f32, 1 device), see Block
 
     @nn.compact
@@ -343,9 +371,7 @@ class Decoder(nn.Module):
         x = embed(jnp.where(is_image, 0, tokens)).astype(jnp.float32)
         if image_embeds is not None:
             x = merge_image_embeddings(x, is_image, image_embeds.astype(jnp.float32))
-        freq_factors = None
-        if cfg.has_rope_freqs:
-            freq_factors = self.param("rope_freqs", nn.initializers.ones, (cfg.rope_dim // 2,), jnp.float32)
+        freq_factors = RopeFreqs(cfg.rope_dim // 2, name="rope_freqs")() if cfg.has_rope_freqs else None
         cos, sin = rope_angles(positions, cfg, freq_factors)
         mask = attention_mask(write_index, tokens.shape[1], kv_start, kv_window)
 
@@ -369,8 +395,8 @@ class Decoder(nn.Module):
         h = RMSNorm(cfg.rms_eps, name="output_norm")(x)
         if cfg.tied_output:
             return embed.attend(h, self.decode_kernel), cache
-        out = Linear(cfg.vocab_size, self.dtype, self.decode_kernel, name="output")
-        return jnp.asarray(out(h), jnp.float32), cache
+        out = Linear(cfg.vocab_size, self.dtype, self.decode_kernel, out_dtype=jnp.float32, name="output")
+        return out(h), cache
 
 
 def merge_image_embeddings(x: Array, is_image: Array, image_embeds: Array) -> Array:

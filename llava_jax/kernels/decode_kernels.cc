@@ -441,6 +441,351 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+
+// ---- quantized matrix-vector product --------------------------------------------------------------
+//
+// `LlavaQGemv`: x f32 [M, K], w u8 [N, row_bytes] (one GGUF row of ggml blocks per output), attribute
+// qtype (ggml's type id) -> y f32 [M, N] = x . dequantize(w)^T. Each block is unpacked and scaled
+// into a small buffer that stays in L1 (32 or 256 floats), then multiplied into every input row's
+// sums: the weights are read from memory once, in their packed size (Q4_K: 4.5 bits a weight, 1/7 of
+// f32), and the values are exactly those `llava_jax.quants` dequantizes to (only the order of the f32
+// sums differs from an XLA dot of the dequantized weight). Block layouts: see llava_jax/quants.py.
+
+// Half-precision bits -> float, exact for every pattern (subnormals, inf, nan).
+inline float HalfToFloat(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000) << 16;
+  uint32_t exp = (h >> 10) & 0x1F, man = h & 0x3FF, bits;
+  if (exp == 0x1F) {
+    bits = sign | 0x7F800000u | (man << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (man << 13);
+  } else if (man == 0) {
+    bits = sign;
+  } else {  // subnormal: normalize
+    int e = -1;
+    do {
+      man <<= 1;
+      ++e;
+    } while ((man & 0x400) == 0);
+    bits = sign | ((112 - e) << 23) | ((man & 0x3FF) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+inline uint16_t U16(const uint8_t* b) { return static_cast<uint16_t>(b[0] | (b[1] << 8)); }
+inline float F16At(const uint8_t* b) { return HalfToFloat(U16(b)); }
+
+enum QType : int32_t {  // ggml's type ids (gguf.GGMLQuantizationType)
+  kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
+  kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
+};
+
+// One format: BS values from TS bytes. F16 / BF16 are read 32 values (64 bytes) at a time.
+template <int T> struct Fmt;
+
+template <> struct Fmt<kF16> {
+  static constexpr int BS = 32, TS = 64;
+  static void Deq(const uint8_t* b, float* y) {
+    for (int j = 0; j < 32; ++j) y[j] = HalfToFloat(U16(b + 2 * j));
+  }
+};
+
+template <> struct Fmt<kBF16> {
+  static constexpr int BS = 32, TS = 64;
+  static void Deq(const uint8_t* b, float* y) {
+    for (int j = 0; j < 32; ++j) {
+      const uint32_t bits = static_cast<uint32_t>(U16(b + 2 * j)) << 16;
+      std::memcpy(y + j, &bits, 4);
+    }
+  }
+};
+
+template <> struct Fmt<kQ4_0> {
+  static constexpr int BS = 32, TS = 18;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b);
+    const uint8_t* qs = b + 2;
+    for (int j = 0; j < 16; ++j) {
+      y[j] = d * static_cast<float>((qs[j] & 0x0F) - 8);
+      y[j + 16] = d * static_cast<float>((qs[j] >> 4) - 8);
+    }
+  }
+};
+
+template <> struct Fmt<kQ4_1> {
+  static constexpr int BS = 32, TS = 20;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b), m = F16At(b + 2);
+    const uint8_t* qs = b + 4;
+    for (int j = 0; j < 16; ++j) {
+      y[j] = d * static_cast<float>(qs[j] & 0x0F) + m;
+      y[j + 16] = d * static_cast<float>(qs[j] >> 4) + m;
+    }
+  }
+};
+
+inline uint32_t U32(const uint8_t* b) { return b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24); }
+
+template <> struct Fmt<kQ5_0> {
+  static constexpr int BS = 32, TS = 22;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b);
+    const uint32_t qh = U32(b + 2);
+    const uint8_t* qs = b + 6;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      y[j] = d * static_cast<float>(lo - 16);
+      y[j + 16] = d * static_cast<float>(hi - 16);
+    }
+  }
+};
+
+template <> struct Fmt<kQ5_1> {
+  static constexpr int BS = 32, TS = 24;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b), m = F16At(b + 2);
+    const uint32_t qh = U32(b + 4);
+    const uint8_t* qs = b + 8;
+    for (int j = 0; j < 16; ++j) {
+      const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
+      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
+      y[j] = d * static_cast<float>(lo) + m;
+      y[j + 16] = d * static_cast<float>(hi) + m;
+    }
+  }
+};
+
+template <> struct Fmt<kQ8_0> {
+  static constexpr int BS = 32, TS = 34;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b);
+    const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
+    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(qs[j]) * d;
+  }
+};
+
+template <> struct Fmt<kQ2_K> {
+  static constexpr int BS = 256, TS = 84;
+  static void Deq(const uint8_t* b, float* y) {
+    const uint8_t* sc = b;
+    const uint8_t* qs = b + 16;
+    const float d = F16At(b + 80), dmin = F16At(b + 82);
+    for (int half = 0; half < 2; ++half)
+      for (int shift = 0; shift < 4; ++shift)
+        for (int g = 0; g < 2; ++g) {  // two groups of 16 values per (half, shift)
+          const int e0 = half * 128 + shift * 32 + g * 16;
+          const uint8_t s = sc[e0 / 16];
+          const float dl = d * static_cast<float>(s & 0x0F), ml = dmin * static_cast<float>(s >> 4);
+          for (int l = 0; l < 16; ++l)
+            y[e0 + l] = dl * static_cast<float>((qs[half * 32 + g * 16 + l] >> (2 * shift)) & 3) - ml;
+        }
+  }
+};
+
+template <> struct Fmt<kQ3_K> {
+  static constexpr int BS = 256, TS = 110;
+  static void Deq(const uint8_t* b, float* y) {
+    const uint8_t* hm = b;
+    const uint8_t* qs = b + 32;
+    const uint8_t* s = b + 96;
+    const float d = F16At(b + 108);
+    int sc[16];
+    for (int i = 0; i < 16; ++i) {
+      const int lo = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+      const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
+      sc[i] = (lo | (hi << 4)) - 32;
+    }
+    for (int half = 0; half < 2; ++half)
+      for (int shift = 0; shift < 4; ++shift) {
+        const int j = half * 4 + shift;  // hmask bit
+        for (int g = 0; g < 2; ++g) {
+          const int e0 = j * 32 + g * 16;
+          const float dl = d * static_cast<float>(sc[e0 / 16]);
+          for (int l = 0; l < 16; ++l) {
+            const int ll = g * 16 + l;
+            const int q = ((qs[half * 32 + ll] >> (2 * shift)) & 3) - (((hm[ll] >> j) & 1) ? 0 : 4);
+            y[e0 + l] = dl * static_cast<float>(q);
+          }
+        }
+      }
+  }
+};
+
+// Q4_K / Q5_K's 12 bytes: eight 6-bit scales and eight 6-bit mins.
+inline void ScaleMinK4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
+  for (int j = 0; j < 4; ++j) {
+    sc[j] = s[j] & 0x3F;
+    mn[j] = s[j + 4] & 0x3F;
+    sc[j + 4] = (s[j + 8] & 0x0F) | ((s[j] >> 2) & 0x30);
+    mn[j + 4] = (s[j + 8] >> 4) | ((s[j + 4] >> 2) & 0x30);
+  }
+}
+
+template <> struct Fmt<kQ4_K> {
+  static constexpr int BS = 256, TS = 144;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b), dmin = F16At(b + 2);
+    uint8_t sc[8], mn[8];
+    ScaleMinK4(b + 4, sc, mn);
+    const uint8_t* qs = b + 16;
+    for (int c = 0; c < 4; ++c) {
+      const float d0 = d * sc[2 * c], m0 = dmin * mn[2 * c];
+      const float d1 = d * sc[2 * c + 1], m1 = dmin * mn[2 * c + 1];
+      const uint8_t* q = qs + 32 * c;
+      float* y0 = y + 64 * c;
+      for (int l = 0; l < 32; ++l) {
+        y0[l] = d0 * static_cast<float>(q[l] & 0x0F) - m0;
+        y0[l + 32] = d1 * static_cast<float>(q[l] >> 4) - m1;
+      }
+    }
+  }
+};
+
+template <> struct Fmt<kQ5_K> {
+  static constexpr int BS = 256, TS = 176;
+  static void Deq(const uint8_t* b, float* y) {
+    const float d = F16At(b), dmin = F16At(b + 2);
+    uint8_t sc[8], mn[8];
+    ScaleMinK4(b + 4, sc, mn);
+    const uint8_t* qh = b + 16;
+    const uint8_t* qs = b + 48;
+    for (int c = 0; c < 4; ++c) {
+      const int j0 = 2 * c, j1 = 2 * c + 1;
+      const float d0 = d * sc[j0], m0 = dmin * mn[j0], d1 = d * sc[j1], m1 = dmin * mn[j1];
+      const uint8_t* q = qs + 32 * c;
+      float* y0 = y + 64 * c;
+      for (int l = 0; l < 32; ++l) {
+        y0[l] = d0 * static_cast<float>((q[l] & 0x0F) | (((qh[l] >> j0) & 1) << 4)) - m0;
+        y0[l + 32] = d1 * static_cast<float>((q[l] >> 4) | (((qh[l] >> j1) & 1) << 4)) - m1;
+      }
+    }
+  }
+};
+
+template <> struct Fmt<kQ6_K> {
+  static constexpr int BS = 256, TS = 210;
+  static void Deq(const uint8_t* b, float* y) {
+    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
+    const float d = F16At(b + 208);
+    for (int half = 0; half < 2; ++half) {
+      const uint8_t* ql = b + 64 * half;
+      const uint8_t* qh = b + 128 + 32 * half;
+      float* yh = y + 128 * half;
+      const int8_t* s = sc + 8 * half;
+      for (int l = 0; l < 32; ++l) {
+        const int is = l / 16;
+        const int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
+        const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
+        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
+        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
+        yh[l] = d * static_cast<float>(s[is]) * static_cast<float>(q1);
+        yh[l + 32] = d * static_cast<float>(s[is + 2]) * static_cast<float>(q2);
+        yh[l + 64] = d * static_cast<float>(s[is + 4]) * static_cast<float>(q3);
+        yh[l + 96] = d * static_cast<float>(s[is + 6]) * static_cast<float>(q4);
+      }
+    }
+  }
+};
+
+constexpr int64_t kQGemvMaxRows = 16;  // input rows a call takes (decode batches)
+
+struct QGemvJob {
+  const float* x;
+  const uint8_t* w;
+  float* y;
+  int64_t m, n, k, row_bytes, pieces;
+  void (*rows)(const QGemvJob&, int64_t, int64_t);
+};
+
+// Rows [r0, r1): each block unpacked once into `buf`, then multiplied into all m inputs' sums.
+template <int T>
+void QRows(const QGemvJob& job, int64_t r0, int64_t r1) {
+  using F = Fmt<T>;
+  alignas(64) float buf[F::BS];
+  const int64_t nb = job.k / F::BS, m = job.m, k = job.k;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = job.w + r * job.row_bytes;
+    if (m == 1) {
+      F8 a{}, c{};
+      const float* x = job.x;
+      for (int64_t blk = 0; blk < nb; ++blk) {
+        F::Deq(row + blk * F::TS, buf);
+        const float* xb = x + blk * F::BS;
+        for (int e = 0; e < F::BS; e += 16) {
+          a += Load8(buf + e) * Load8(xb + e);
+          c += Load8(buf + e + 8) * Load8(xb + e + 8);
+        }
+      }
+      const F8 s = a + c;
+      job.y[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+      continue;
+    }
+    F8 acc[kQGemvMaxRows];
+    for (int64_t i = 0; i < m; ++i) acc[i] = F8{};
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      F::Deq(row + blk * F::TS, buf);
+      for (int64_t i = 0; i < m; ++i) {
+        const float* xb = job.x + i * k + blk * F::BS;
+        F8 a = acc[i];
+        for (int e = 0; e < F::BS; e += 8) a += Load8(buf + e) * Load8(xb + e);
+        acc[i] = a;
+      }
+    }
+    for (int64_t i = 0; i < m; ++i) {
+      const F8 s = acc[i];
+      job.y[i * job.n + r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
+    }
+  }
+}
+
+// (rows function, block size, block bytes) of a type id; rows == nullptr when the type has no kernel.
+struct QEntry {
+  void (*rows)(const QGemvJob&, int64_t, int64_t);
+  int bs, ts;
+};
+template <int T>
+constexpr QEntry Entry() { return {&QRows<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+
+QEntry Lookup(int32_t qtype) {
+  switch (qtype) {
+    case kF16: return Entry<kF16>();
+    case kQ4_0: return Entry<kQ4_0>();
+    case kQ4_1: return Entry<kQ4_1>();
+    case kQ5_0: return Entry<kQ5_0>();
+    case kQ5_1: return Entry<kQ5_1>();
+    case kQ8_0: return Entry<kQ8_0>();
+    case kQ2_K: return Entry<kQ2_K>();
+    case kQ3_K: return Entry<kQ3_K>();
+    case kQ4_K: return Entry<kQ4_K>();
+    case kQ5_K: return Entry<kQ5_K>();
+    case kQ6_K: return Entry<kQ6_K>();
+    case kBF16: return Entry<kBF16>();
+    default: return {nullptr, 0, 0};
+  }
+}
+
+ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
+                 ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
+  auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
+  const QEntry entry = Lookup(qtype);
+  if (entry.rows == nullptr) return ffi::Error::InvalidArgument("qgemv: no kernel for this quant type");
+  if (xd.size() != 2 || wd.size() != 2 || yd.size() != 2 || yd[0] != xd[0] || yd[1] != wd[0] ||
+      xd[0] > kQGemvMaxRows || xd[1] % entry.bs != 0 || wd[1] != xd[1] / entry.bs * entry.ts)
+    return ffi::Error::InvalidArgument("qgemv: expected x [M <= 16, K], w [N, K / block * block_bytes], y [M, N]");
+  auto job = std::make_shared<QGemvJob>();
+  job->x = x.typed_data(), job->w = w.typed_data(), job->y = y->typed_data();
+  job->m = xd[0], job->n = wd[0], job->k = xd[1], job->row_bytes = wd[1], job->rows = entry.rows;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
+  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
+    job->rows(*job, job->n * piece / job->pieces, job->n * (piece + 1) / job->pieces);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaDecodeAttention, DecodeAttention,
@@ -459,3 +804,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaGemv, Gemv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaQGemv, QGemv,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("qtype"));

@@ -1,0 +1,118 @@
+"""The quantized product kernel (`cpu_kernels.qgemv`) and `text.project` over `QTensor` weights.
+
+Reference: float64 `x @ dequantize(blocks).T`, with `quants.dequantize` (itself bit-exact with
+gguf.quants). Tolerance: the kernel sums K f32 products in 8-lane partial sums and then a tree, so
+its error is bounded by about (K / 8 + 3) f32 roundings of the sum of |x_i w_i|: we allow
+`(K / 8 + 8) * 2**-24 * (|x| @ |w|.T)` per output, the worst-case bound of that summation order
+(typical errors are ~100x smaller). Any wrong unpacking of a block moves outputs by whole quanta,
+far beyond it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from gguf import GGML_QUANT_SIZES
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from llava_jax import cpu_kernels, quants, text
+from llava_jax.qtensor import Q, QTensor
+
+pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="native kernels unavailable")
+
+# Byte offsets of each format's f16 scale fields (set to small finite values; the rest stays random).
+SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+          Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
+TYPES = sorted(cpu_kernels.QGEMV_UNITS, key=int)
+
+
+def random_blocks(qtype, n: int, k: int, seed: int) -> np.ndarray:
+    """uint8 [n, k / bs, ts]: random quants, small finite f16 scales (and finite F16 / BF16 values)."""
+    rng = np.random.default_rng(seed)
+    bs, ts = GGML_QUANT_SIZES[qtype]
+    if qtype == Q.F16:
+        return rng.standard_normal((n, k)).astype(np.float16).view(np.uint8).reshape(n, k, 2)
+    if qtype == Q.BF16:
+        bits = (rng.standard_normal((n, k)).astype(np.float32).view(np.uint32) >> 16).astype(np.uint16)
+        return bits.view(np.uint8).reshape(n, k, 2)
+    blocks = rng.integers(0, 256, (n, k // bs, ts), dtype=np.uint8)
+    for off in SCALES[qtype]:
+        scale = rng.uniform(0.001, 0.05, (n, k // bs)).astype(np.float16)
+        blocks[..., off:off + 2] = scale.view(np.uint8).reshape(n, k // bs, 2)
+    return blocks
+
+
+def reference(x: np.ndarray, blocks: np.ndarray, qtype) -> tuple[np.ndarray, np.ndarray]:
+    """(float64 x @ w.T, the error bound per output) for w = dequantize(blocks)."""
+    w = np.asarray(quants.dequantize_blocks(jnp.asarray(blocks), qtype)).reshape(blocks.shape[0], -1).astype(np.float64)
+    k = w.shape[1]
+    bound = (k / 8 + 8) * 2.0**-24 * (np.abs(x) @ np.abs(w).T) + 1e-30
+    return x.astype(np.float64) @ w.T, bound
+
+
+def kernel_blocks(qtype, blocks: np.ndarray) -> np.ndarray:
+    """F16 / BF16 blocks are single values; the kernel takes any [N, nb, ts] grouping of a row's bytes."""
+    return blocks.reshape(blocks.shape[0], -1, 64) if qtype in (Q.F16, Q.BF16) else blocks
+
+
+def check(qtype, n: int, k: int, m: int, seed: int) -> None:
+    blocks = random_blocks(qtype, n, k, seed)
+    x = np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32)
+    y = np.asarray(jax.jit(lambda a, b: cpu_kernels.qgemv(a, b, qtype))(x, kernel_blocks(qtype, blocks)))
+    ref, bound = reference(x, blocks, qtype)
+    assert y.shape == (m, n)
+    err = np.abs(y - ref)
+    assert np.all(err <= bound), f"{qtype.name} n={n} k={k} m={m}: max err {err.max():.3g}, worst ratio {(err / bound).max():.3g}"
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2, 3, 8, 16])
+def test_qgemv_equals_dequantize_then_dot(qtype, m):
+    k = 512 if cpu_kernels.QGEMV_UNITS[qtype] == 256 else 96
+    check(qtype, 37, k, m, seed=int(qtype) * 100 + m)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qtype=st.sampled_from(TYPES), n=st.integers(1, 70), units=st.integers(1, 4), m=st.integers(1, 8),
+       seed=st.integers(0, 2**16))
+def test_qgemv_ragged_shapes(qtype, n, units, m, seed):
+    """Any row count (one row, fewer rows than threads' pieces, odd), any whole number of units, 1-8 inputs."""
+    check(qtype, n, units * cpu_kernels.QGEMV_UNITS[qtype], m, seed)
+
+
+def test_qgemv_refuses_what_it_cannot_take():
+    blocks = random_blocks(Q.Q4_0, 4, 64, 0)
+    with pytest.raises(ValueError):
+        cpu_kernels.qgemv(jnp.zeros((17, 64)), blocks, Q.Q4_0)  # too many rows
+    with pytest.raises(ValueError):
+        cpu_kernels.qgemv(jnp.zeros((1, 64)), blocks, Q.IQ4_NL)  # no kernel for the type
+    assert not cpu_kernels.qgemv_applies((1, 48), jnp.float32, Q.F16, 48)  # F16 rows need a multiple of 32
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_K, Q.Q6_K, Q.Q4_1, Q.Q8_0, Q.F16], ids=lambda t: t.name)
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_project_over_qtensor(qtype, rows):
+    """`text.project` on a QTensor: the kernel for a few rows, dequantize-in-program for a prefill block;
+    both equal the reference, and the HLO holds the custom call exactly where the kernel applies."""
+    n, k = 48, 512
+    blocks = random_blocks(qtype, n, k, 7)
+    w = QTensor(jnp.asarray(blocks), qtype, (n, k))
+    x = np.random.default_rng(3).standard_normal((rows, k)).astype(np.float32)
+    fn = jax.jit(lambda a, ww: text.project(a, ww, jnp.float32, kernel=True))
+    y = np.asarray(fn(x, w))
+    ref, bound = reference(x, blocks, qtype)
+    assert np.all(np.abs(y - ref) <= bound)
+    hlo = fn.lower(x, w).as_text()
+    assert (cpu_kernels.QGEMV in hlo) == (rows <= cpu_kernels.QGEMV_MAX_ROWS)
+
+
+def test_qtensor_take_rows_and_slices():
+    blocks = random_blocks(Q.Q4_K, 10, 256, 1)
+    w = QTensor(jnp.asarray(blocks), Q.Q4_K, (10, 256))
+    full = np.asarray(w.dequantize())
+    ids = jnp.array([[3, 0], [9, 3]])
+    np.testing.assert_array_equal(np.asarray(w.take_rows(ids)), full[np.asarray(ids)])
+    np.testing.assert_array_equal(np.asarray(w.row_slice(2, 5).dequantize()), full[2:7])
