@@ -9,7 +9,9 @@ model, no dequantization.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -63,13 +65,38 @@ def restore(directory: str | os.PathLike, mesh=None, rules: ShardingRules = Shar
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise LlavaError(f"{directory / META_FILE}: not valid JSON ({e}); write the cache again") from None
     ckpt = ocp.StandardCheckpointer()
-    stored = ckpt.metadata(directory / PARAMS_DIR)
-    tree = getattr(stored, "item_metadata", stored)
-    tree = getattr(tree, "tree", tree)
+    with _corrupt_as_error(directory):
+        stored = ckpt.metadata(directory / PARAMS_DIR)
+        tree = getattr(stored, "item_metadata", stored)
+        tree = getattr(tree, "tree", tree)
+        if not isinstance(meta, dict) or not tree:
+            raise ValueError("no params or metadata in it")
 
     def target(path, leaf):
         axes = leaf_axes(_key_names(path), len(leaf.shape))
         return jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding_for(leaf.shape, axes, mesh, rules))
 
-    abstract = jax.tree_util.tree_map_with_path(target, tree)
-    return ckpt.restore(directory / PARAMS_DIR, abstract), meta
+    with _corrupt_as_error(directory):
+        abstract = jax.tree_util.tree_map_with_path(target, tree)
+        return ckpt.restore(directory / PARAMS_DIR, abstract), meta
+
+
+@contextlib.contextmanager
+def _corrupt_as_error(directory: Path):
+    """Whatever Orbax / TensorStore raise on a damaged or incomplete checkpoint becomes one LlavaError line
+    (they raise many types: ValueError, KeyError, FileNotFoundError, TensorStore's own...). Orbax's absl
+    warnings about the missing pieces are kept off stderr meanwhile: the one error line says it."""
+    absl = logging.getLogger("absl")
+    level = absl.level
+    absl.setLevel(logging.ERROR)
+    try:
+        yield
+    except LlavaError:
+        raise
+    except Exception as e:  # noqa: BLE001 — any failure reading the files means the cache is unusable
+        lines = str(e).strip().splitlines()
+        why = f"{type(e).__name__}: {lines[0][:200]}" if lines else type(e).__name__
+        raise LlavaError(f"{directory}: corrupt or incomplete Orbax checkpoint ({why}); write the cache again "
+                         "(--save-orbax / Llava.save_orbax) or pass the GGUF file") from None
+    finally:
+        absl.setLevel(level)

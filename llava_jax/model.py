@@ -6,7 +6,9 @@
     emb = llm.embed_image("cat.jpg")            # f32 [n_image_tokens, dim]
     out = llm.generate("What is in the image?", images=["cat.jpg"], max_new_tokens=64, temperature=0)
     out.text, out.token_ids, out.prompt_ids, out.timings
-    for piece in llm.stream("Once upon a time", max_new_tokens=32): print(piece, end="")
+    stream = llm.stream("Once upon a time", max_new_tokens=32)   # its own handle: safe across threads
+    for piece in stream: print(piece, end="")
+    stream.result                               # GenerationResult (so far, after a `break`)
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import jax
 import jax.numpy as jnp
@@ -56,7 +58,7 @@ class GenerationResult:
     token_ids: list[int]
     prompt_ids: list[int]  # image positions are IMAGE_PLACEHOLDER (-1)
     timings: Timings
-    stop_reason: str  # "eos", "length", "stop_string" or "context"
+    stop_reason: str  # "eos", "length", "stop_string", "context", or "interrupted" (a stream left early)
 
     def as_dict(self) -> dict:
         return {"text": self.text, "token_ids": self.token_ids, "prompt_ids": self.prompt_ids,
@@ -119,21 +121,25 @@ class Llava:
         return embeds
 
     def request_from_embeds(self, prompt: str, embeds: Sequence[np.ndarray], template: str | None = None,
-                            max_new_tokens: int = 128) -> Request:
+                            max_new_tokens: int = 128, system: str | None = None) -> Request:
         """Prompt text + image embeddings → token ids with image placeholders and the rows to put there.
 
-        Without images the prompt is used as is (special tokens parsed, BOS per the model's flag). With
-        images, a prompt containing `<image>` is the whole prompt; otherwise the chat template wraps it,
-        images first. Text pieces are tokenized separately, as llama.cpp's mtmd does.
+        Without images the prompt is used as is (special tokens parsed, BOS per the model's flag; the CLI
+        templates a text-only prompt itself when a template is named). With images, a prompt containing
+        `<image>` is the whole prompt; otherwise the chat template wraps it (with `system`, default the
+        template's), images first. Text pieces are tokenized separately, as llama.cpp's mtmd does. An
+        unknown template name is a LlavaError in both cases.
         """
-        if not embeds:
-            return Request(self.tokenize(prompt), None, max_new_tokens)
         from llava_jax.prompts import ImageSlot, build_prompt, template_from_metadata
 
+        if not embeds:
+            if template is not None:
+                build_prompt("", 0, template)  # the name is checked even where it is not applied
+            return Request(self.tokenize(prompt), None, max_new_tokens)
         name = template or template_from_metadata(self.metadata)
         bos = [self.tokenizer.bos_id] if self.tokenizer.add_bos and self.tokenizer.bos_id is not None else []
         tokens: list[int] = list(bos)
-        for seg in build_prompt(prompt, len(embeds), name):
+        for seg in build_prompt(prompt, len(embeds), name, system):
             if isinstance(seg, ImageSlot):
                 tokens += [IMAGE_PLACEHOLDER] * len(embeds[seg.index])
             else:
@@ -150,12 +156,16 @@ class Llava:
         return len(self.request_from_embeds(prompt, shapes, template).tokens)
 
     def build_request(self, prompt: str, images: Sequence = (), template: str | None = None,
-                      max_new_tokens: int = 128, timings: Timings | None = None) -> Request:
-        return self.request_from_embeds(prompt, self.embed_images(images, timings), template, max_new_tokens)
+                      max_new_tokens: int = 128, timings: Timings | None = None, system: str | None = None) -> Request:
+        """`request_from_embeds` with the images encoded here (their ViT time added to `timings`)."""
+        return self.request_from_embeds(prompt, self.embed_images(images, timings), template, max_new_tokens, system)
 
     # ---- generation ---------------------------------------------------------------------------------
     def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed) -> SamplingParams:
-        if repeat_last_n < 0:  # llama.cpp's -1: the whole context
+        """The sampler settings (validated by `SamplingParams`); repeat_last_n -1 is the whole context."""
+        if repeat_last_n < -1:
+            raise LlavaError(f"sampling: repeat_last_n must be >= -1 (-1 = the whole context), got {repeat_last_n}")
+        if repeat_last_n == -1:  # llama.cpp's -1: the whole context
             repeat_last_n = self.n_ctx
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
@@ -163,45 +173,42 @@ class Llava:
     def stream(self, prompt: str, images: Sequence = (), *, max_new_tokens: int = 128, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] = (),
-               template: str | None = None) -> Iterator[str]:
-        """Yield text as it is generated (one host sync per decode chunk); `self.last_result` holds the result.
+               template: str | None = None, system: str | None = None) -> GenerationStream:
+        """Start a generation and return its handle: iterate it for the text as it is generated (one host
+        sync per decode chunk); `handle.result` is the GenerationResult (partial after a `break`).
 
+        The prompt is built (images encoded) and checked against the context here, before the first
+        piece. Each call has its own handle, so threads streaming at once never see each other's results
+        (`self.last_result`, the last finished stream's result, is kept for old code: it is shared).
         max_new_tokens < 0 (llama.cpp's -n -1): until EOS or the context is full.
         """
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, repeat_last_n, seed)
         timings = Timings()
         if max_new_tokens < 0:
             max_new_tokens = self.n_ctx
-        request = self.build_request(prompt, images, template, max_new_tokens, timings)
-        row = _RowText(self.tokenizer, stop)
-        image_s = timings.image_s
-        for step in self.engine.generate([request], sampling, initial_key(sampling), self.n_ctx,
-                                         self.tokenizer.stop_ids):
-            timings = step.timings
-            piece = row.add(step.tokens[0], step.finished[0])
-            if row.stopped:
-                step.finished[0] = True  # ends the engine's loop
-            if piece:
-                yield piece
-        timings.image_s = image_s
-        self.last_result = row.result(request, timings, self._stop_reason(request, len(row.ids), max_new_tokens))
+        request = self.build_request(prompt, images, template, max_new_tokens, timings, system)
+        _check_fits(request, self.n_ctx, self.cfg.context_length)
+        steps = self.engine.generate([request], sampling, initial_key(sampling), self.n_ctx, self.tokenizer.stop_ids)
+        return GenerationStream(self, request, _RowText(self.tokenizer, stop), steps, timings.image_s)
 
     def generate(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
         """Run `stream` to the end and return text, token ids, prompt ids and timings."""
-        for _ in self.stream(prompt, images, **kwargs):
+        stream = self.stream(prompt, images, **kwargs)
+        for _ in stream:
             pass
-        return self.last_result
+        return stream.result
 
     def generate_batch(self, prompts: Sequence[str], images: Sequence[Sequence] | None = None, *,
                        max_new_tokens: int | Sequence[int] = 128, temperature: float = 0.8, top_k: int = 40,
                        top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                        seed: int | None = None, stop: Sequence[str] = (), template: str | None = None,
-                       ) -> list[GenerationResult]:
+                       system: str | None = None) -> list[GenerationResult]:
         """Several prompts (each with 0, 1 or more images) in one ragged batch.
 
         All images of the batch go through the ViT in one call; the rows are left-padded to one bucketed
         length and decoded together, each stopping on its own EOS / stop string / limit. With greedy
-        sampling each row's result equals running that row alone.
+        sampling each row's result equals running that row alone. Each row gets its own `Timings`
+        (a copy of the batch's: the times and token counts are the whole batch's).
         """
         images = [list(x) for x in images] if images is not None else [[] for _ in prompts]
         if len(images) != len(prompts):
@@ -213,7 +220,9 @@ class Llava:
         flat = self.embed_images([img for row in images for img in row], timings)
         requests, start = [], 0
         for prompt, row_images, limit in zip(prompts, images, limits, strict=True):
-            requests.append(self.request_from_embeds(prompt, flat[start:start + len(row_images)], template, limit))
+            requests.append(self.request_from_embeds(prompt, flat[start:start + len(row_images)], template, limit,
+                                                     system))
+            _check_fits(requests[-1], self.n_ctx, self.cfg.context_length)
             start += len(row_images)
         rows = [_RowText(self.tokenizer, stop) for _ in prompts]
         image_s = timings.image_s
@@ -225,7 +234,7 @@ class Llava:
                 if row.stopped:
                     step.finished[i] = True
         timings.image_s = image_s
-        return [row.result(req, timings, self._stop_reason(req, len(row.ids), req.max_new_tokens))
+        return [row.result(req, replace(timings), self._stop_reason(req, len(row.ids), req.max_new_tokens))
                 for row, req in zip(rows, requests, strict=True)]
 
     def _stop_reason(self, request: Request, n_generated: int, max_new_tokens: int) -> str:
@@ -281,6 +290,67 @@ class _RowText:
 
     def result(self, request: Request, timings: Timings, reason: str) -> GenerationResult:
         return GenerationResult(self.text, self.ids, request.tokens, timings, "stop_string" if self.stopped else reason)
+
+    def partial(self, request: Request, timings: Timings) -> GenerationResult:
+        """The result of a row left before it finished: the text shown so far and every id received."""
+        return GenerationResult(self.text[:self.emitted], list(self.ids), request.tokens, timings, "interrupted")
+
+
+class GenerationStream:
+    """The handle `Llava.stream` returns: an iterator of text pieces, plus `result` at any time.
+
+    `result` is a GenerationResult: the whole result once the iteration has ended, and after a `break`
+    (or before the first piece) the text yielded so far with stop_reason "interrupted". `close()` (or
+    dropping the handle) ends the generation early. One handle per call, so nothing is shared between
+    threads that stream at once.
+    """
+
+    def __init__(self, llm: Llava, request: Request, row: _RowText, steps: Iterator, image_s: float):
+        self.request, self._llm, self._row, self._steps = request, llm, row, steps
+        self._timings, self._image_s = Timings(), image_s
+        self.finished = False
+        self._pieces = self._run()
+
+    def __iter__(self) -> GenerationStream:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._pieces)
+
+    def close(self) -> None:
+        self._pieces.close()
+
+    def _run(self) -> Iterator[str]:
+        for step in self._steps:
+            self._timings = step.timings
+            piece = self._row.add(step.tokens[0], step.finished[0])
+            if self._row.stopped:
+                step.finished[0] = True  # ends the engine's loop
+            if piece:
+                yield piece
+        self.finished = True
+        self._llm.last_result = self.result
+
+    @property
+    def result(self) -> GenerationResult:
+        timings = replace(self._timings, image_s=self._image_s)
+        if not self.finished:
+            return self._row.partial(self.request, timings)
+        reason = self._llm._stop_reason(self.request, len(self._row.ids), self.request.max_new_tokens)
+        return self._row.result(self.request, timings, reason)
+
+
+def _check_fits(request: Request, n_ctx: int, n_train: int) -> None:
+    """A LlavaError (one line, both limits named truthfully) when the prompt leaves no room in the context."""
+    n = len(request.tokens)
+    if n < n_ctx:
+        return
+    n_img = sum(t == IMAGE_PLACEHOLDER for t in request.tokens)
+    if n < n_train:
+        hint = f"pass a larger -c (the model was trained on {n_train} tokens)"
+    else:
+        hint = f"shorten the prompt (the model was trained on {n_train} tokens; a -c above that runs past its training)"
+    raise LlavaError(f"prompt is {n} tokens ({n - n_img} text + {n_img} image), context is {n_ctx}: {hint}")
 
 
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, dtype=None, mesh=None,

@@ -12,9 +12,9 @@ The chain and its semantics follow llama.cpp's default sampler chain (`common/sa
   candidates whose probability is at least `min_p` times the largest (`logit >= max + log(min_p)`).
   All three always keep the most likely token.
 * The temperature divides the logits *after* the filters, so it never changes which tokens survive.
-  `temperature <= 0` is greedy: the argmax of the penalized logits (the filters cannot move it).
+  `temperature == 0` is greedy: the argmax of the penalized logits (the filters cannot move it).
 
-Filters that are switched off (`top_k <= 0` or `top_k >= V`, `top_p >= 1`, `min_p <= 0`, penalty 1 or
+Filters that are switched off (`top_k == 0` or `top_k >= V`, `top_p == 1`, `min_p == 0`, penalty 1 or
 an empty window) are decided on the static `SamplingParams`, so they add nothing to the compiled
 program. When top-k is on, one `lax.top_k` with k = top_k gives the sorted candidates that top-p and
 min-p then work on, so the cost is O(V log k) and the draw is over k values; only top-p without
@@ -43,10 +43,12 @@ from llava_jax.errors import LlavaError
 class SamplingParams:
     """Sampling settings; hashable so it can be a static argument to `jax.jit`.
 
-    The defaults are llama.cpp's CLI defaults (`--temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05
-    --repeat-penalty 1.0 --repeat-last-n 64`). `repeat_last_n` is the window length N of the
-    `recent` array; llama.cpp's `-1` ("the whole context") must be resolved to a number by the
-    caller. `seed=None` means a random seed (`initial_key`).
+    The defaults are llama.cpp's library defaults (`--temp 0.8 --top-k 40 --top-p 0.95 --min-p 0.05
+    --repeat-penalty 1.0 --repeat-last-n 64`; `python -m llava_jax.run` uses llama-mtmd-cli's
+    `--temp 0.2`). `repeat_last_n` is the window length N of the `recent` array; llama.cpp's `-1`
+    ("the whole context") must be resolved to a number by the caller. `seed=None` means a random
+    seed (`initial_key`). Values out of range (temperature < 0, top_k < 0, top_p outside (0, 1],
+    min_p outside [0, 1], repeat_penalty <= 0) raise a one-line LlavaError.
     """
 
     temperature: float = 0.8
@@ -61,16 +63,25 @@ class SamplingParams:
         for name in ("temperature", "top_p", "min_p", "repeat_penalty"):
             if not math.isfinite(getattr(self, name)):
                 raise LlavaError(f"sampling: {name} must be a finite number, got {getattr(self, name)}")
-        if self.repeat_penalty <= 0:
-            raise LlavaError(f"sampling: repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}")
-        if self.repeat_last_n < 0:
-            raise LlavaError(
-                f"sampling: repeat_last_n must be >= 0 (0 = off; resolve -1 to the context size), got {self.repeat_last_n}"
-            )
+        for name in ("top_k", "repeat_last_n"):
+            if isinstance(getattr(self, name), bool) or not isinstance(getattr(self, name), int | np.integer):
+                raise LlavaError(f"sampling: {name} must be an integer, got {getattr(self, name)!r}")
+        checks = (
+            (self.temperature >= 0, f"temperature must be >= 0 (0 = greedy), got {self.temperature}"),
+            (self.top_k >= 0, f"top_k must be >= 0 (0 = off), got {self.top_k}"),
+            (0 < self.top_p <= 1, f"top_p must be in (0, 1] (1 = off), got {self.top_p}"),
+            (0 <= self.min_p <= 1, f"min_p must be in [0, 1] (0 = off), got {self.min_p}"),
+            (self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1.0 = off), got {self.repeat_penalty}"),
+            (self.repeat_last_n >= 0,
+             f"repeat_last_n must be >= 0 (0 = off; resolve -1 to the context size), got {self.repeat_last_n}"),
+        )
+        for ok, message in checks:
+            if not ok:
+                raise LlavaError(f"sampling: {message}")
 
     @property
     def greedy(self) -> bool:
-        """True when the temperature is <= 0: take the argmax of the penalized logits."""
+        """True when the temperature is 0: take the argmax of the penalized logits."""
         return self.temperature <= 0
 
     @property

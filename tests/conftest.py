@@ -1,4 +1,10 @@
-"""Shared fixtures: the real SmolLM2 GGUF (fetched once into the cache) and the shared references."""
+"""Shared fixtures: the real SmolLM2 GGUF (fetched once into the cache) and the shared references.
+
+Under `CI=true` (set by `.ci/run`) a missing prerequisite that would skip tests (the shared llama.cpp
+references, llama-cpp-python, the native decode kernels) fails them instead, so CI cannot pass by
+checking less (`prerequisites.skip_or_fail` / `prerequisites.importorskip`; test_prerequisites checks
+the rest).
+"""
 
 from __future__ import annotations
 
@@ -6,6 +12,7 @@ import json
 from pathlib import Path
 
 import pytest
+from prerequisites import importorskip, skip_or_fail
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "reference"
@@ -21,7 +28,7 @@ def smollm2_path() -> Path:
 @pytest.fixture(scope="session")
 def shared_reference() -> Path:
     if not SHARED.exists():
-        pytest.skip(f"reference directory {SHARED} is missing")
+        skip_or_fail(f"reference directory {SHARED} is missing")
     return SHARED
 
 
@@ -34,7 +41,7 @@ def smollm2_reference(shared_reference) -> dict:
 @pytest.fixture(scope="module")
 def llama_cpp_mod():
     """llama_cpp with models loaded with use_extra_bufts=False (its AMX / repacked CPU buffers crash in these VMs)."""
-    llama_cpp = pytest.importorskip("llama_cpp")
+    llama_cpp = importorskip("llama_cpp")
     import llama_cpp.llama as llama_module
 
     orig = llama_cpp.llama_model_default_params

@@ -1,18 +1,27 @@
 """Smoke test of `scripts/bench.py --mode batch` (scripts/bench_batch.py): a tiny run of both engines yields
-well-formed JSON with positive figures (speed is not asserted)."""
+JSON whose counts are what was asked for and whose rates / ratios follow from its times (speed is not asserted)."""
 
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 from bench_script import load_bench
+from prerequisites import importorskip
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 
+def assert_rate(rate: float, count: float, seconds: float) -> None:
+    """A reported rate is finite, positive and equals count / seconds (up to the JSON's rounding)."""
+    assert math.isfinite(rate) and seconds > 0 and rate > 0, (rate, count, seconds)
+    assert rate == pytest.approx(count / seconds, rel=0.02, abs=0.02), (rate, count, seconds)
+
+
+
 def test_bench_batch_smoke(smollm2_path, tmp_path, capsys):
-    pytest.importorskip("llama_cpp.mtmd_cpp")
+    importorskip("llama_cpp.mtmd_cpp")
     bench = load_bench()
     out = tmp_path / "bench_batch.json"
     # 3 items in batches of 1 and 2: batch size 2 ends with a ragged batch of one (its own warm-up shape)
@@ -32,15 +41,18 @@ def test_bench_batch_smoke(smollm2_path, tmp_path, capsys):
     assert [r["batch_size"] for r in rows] == [1, 2] and [r["batches"] for r in rows] == [3, 2]
     for r in [*rows, lc]:
         assert r["items"] == 3
-        assert r["images_per_s"] > 0 and r["tokens_per_s"] > 0 and r["wall_s"] > 0
+        assert_rate(r["images_per_s"], 3, r["wall_s"])  # one image per item
         assert r["generated"]["tokens"] == 3 * 4 and r["generated"]["tps"] == r["tokens_per_s"]
-        assert r["warmup"]["wall_s"] > 0
+        assert_rate(r["tokens_per_s"], 3 * 4, r["wall_s"])
+        assert math.isfinite(r["warmup"]["wall_s"]) and r["warmup"]["wall_s"] > 0
         assert [len(x) for x in r["ids_head"]] == [4, 4, 4]
     for r in rows:
         assert r["warmup"]["compile_s"] > 0 and r["compile_in_timed_s"] == 0  # compilation stays out of the timing
+        assert r["warmup"]["compile_s"] <= r["warmup"]["wall_s"]
         assert r["padded_prompt_tokens"] >= r["prompt_tokens"] > 3 * 576  # one 576-token image per item
         assert set(r["ratio_vs_llama_cpp"]) == {"images_per_s", "tokens_per_s"}
-        assert all(v > 0 for v in r["ratio_vs_llama_cpp"].values())
+        for key, ratio in r["ratio_vs_llama_cpp"].items():  # llava_jax / llama.cpp, from the rates above
+            assert ratio == pytest.approx(r[key] / lc[key], rel=0.01, abs=1e-3), key
         assert 0 <= r["answers_equal_to_llama_cpp"] <= 3
     assert lc["threads"] == 2 and lc["prompt_tokens"] == rows[0]["prompt_tokens"]
     assert lc["same_prompt_tokens_as_llava_jax"]  # the same text pieces and image tokens in both engines

@@ -1,19 +1,36 @@
 """Smoke test of `scripts/bench.py --mode image` (scripts/bench_image.py) on a tiny random mmproj: both engines
-encode the same images and the JSON is well-formed (speed is not asserted)."""
+encode the same images, the embeddings agree, and every rate / ratio follows from the reported times (speed is not
+asserted)."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from bench_script import load_bench
+from prerequisites import importorskip
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
 
 
+def assert_rate(rate: float, count: float, seconds: float) -> None:
+    """A reported rate is finite, positive and equals count / seconds (up to the JSON's rounding)."""
+    assert math.isfinite(rate) and seconds > 0 and rate > 0, (rate, count, seconds)
+    assert rate == pytest.approx(count / seconds, rel=0.02, abs=0.02), (rate, count, seconds)
+
+
+def assert_summary(s: dict, tokens: int, runs: int) -> None:
+    """`bench_common.summarize` output: the asked-for token count, one time per run, rates from the times."""
+    assert s["tokens"] == tokens and len(s["runs_s"]) == runs
+    assert s["best_s"] == min(s["runs_s"]) and min(s["runs_s"]) <= s["median_s"] <= max(s["runs_s"])
+    assert_rate(s["tps"], tokens, s["best_s"])
+    assert_rate(s["median_tps"], tokens, s["median_s"])
+
+
 def test_bench_image_smoke(smollm2_path, tmp_path, monkeypatch, capsys):
-    pytest.importorskip("llama_cpp")
+    importorskip("llama_cpp")
     monkeypatch.setenv("LLAVA_JAX_CACHE", str(tmp_path / "cache"))  # the generated mmproj goes here
     bench = load_bench()
     out = tmp_path / "bench_image.json"
@@ -36,13 +53,15 @@ def test_bench_image_smoke(smollm2_path, tmp_path, monkeypatch, capsys):
         assert a["tokens"] == b["tokens"] == 576 * want_tiles
         assert a["size"] == b["size"]
         assert a["compile_s"] > 0 and a["first_s"] > 0 and b["first_s"] > 0
+        assert all(math.isfinite(x) for x in (a["compile_s"], a["first_s"], b["first_s"]))
         for r in (a, b):
             for kind in ("encode", "embed"):
                 t = r[kind]
-                assert t["tokens"] == r["tokens"] and len(t["runs_s"]) == 1
-                assert t["best_s"] > 0 and t["median_s"] > 0 and t["images_per_s"] > 0 and t["tps"] > 0
+                assert_summary(t, r["tokens"], 1)
+                assert_rate(t["images_per_s"], 1, t["best_s"])
         assert set(result["ratio"][name]) == {"encode", "embed"}
-        assert all(v > 0 for v in result["ratio"][name].values())
+        for kind, ratio in result["ratio"][name].items():  # llava_jax / llama.cpp, from the rates above
+            assert ratio == pytest.approx(a[kind]["images_per_s"] / b[kind]["images_per_s"], rel=0.01, abs=1e-3), kind
         # compat mode computes llama.cpp's function: the embeddings agree (measured ~3e-4 of values up to ~0.6)
         agree = result["agreement"][name]
         assert agree["max_abs_diff"] < 1e-2 * max(1.0, agree["max_abs"]), agree

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -227,3 +228,224 @@ def test_json_output(smollm2_path, smollm2_reference):
     native = cpu_kernels.kernels_available()
     assert out["decode_kernels"] == "native" if native else out["decode_kernels"].startswith("xla (")
     assert "Traceback" not in proc.stderr
+
+
+# ---- the environment: one line too (issue: tracebacks still reachable) -----------------------------------------
+
+
+def run_main(argv: list[str], capsys) -> tuple[int, str, str]:
+    """`llava_jax.run.main` in this process (for failures that need monkeypatching): (status, stdout, stderr)."""
+    from llava_jax import run
+
+    rc = run.main([*argv, "--no-compile-cache"])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_error_line(rc: int, err: str, *fragments: str) -> str:
+    assert rc == 1, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), err
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("tiny") / "tiny.gguf"
+    write_tiny_llama(path)
+    return path
+
+
+def test_non_utf8_prompt_file(tmp_path):
+    path = tmp_path / "prompt.txt"
+    path.write_bytes(b"caf\xe9 latin-1 text\n")
+    assert_one_error_line(run_cli("-f", str(path)), "prompt.txt", "not UTF-8")
+
+
+def test_unreadable_model_file(tiny_path, monkeypatch, capsys):
+    """Permission denied (tests run as root, where chmod 000 still reads: the open is made to fail)."""
+    real = np.memmap
+
+    def denied(filename, *args, **kwargs):
+        if str(filename) == str(tiny_path):
+            raise PermissionError(13, "Permission denied", str(filename))
+        return real(filename, *args, **kwargs)
+
+    monkeypatch.setattr(np, "memmap", denied)
+    rc, out, err = run_main(["-m", str(tiny_path), "-p", "hi"], capsys)
+    one_error_line(rc, err, "Permission denied", "tiny.gguf")
+    assert out == ""
+
+
+def test_device_out_of_memory(tiny_path, monkeypatch, capsys):
+    """An XLA RESOURCE_EXHAUSTED error during generation is one line, not a traceback."""
+    from jax.errors import JaxRuntimeError
+
+    from llava_jax.generate import TextEngine
+
+    def exhausted(self, *args, **kwargs):
+        raise JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 1234567 bytes.")
+        yield  # a generator, as the real one
+
+    monkeypatch.setattr(TextEngine, "generate", exhausted)
+    rc, out, err = run_main(["-m", str(tiny_path), "-p", "hi", "-n", "4"], capsys)
+    line = one_error_line(rc, err, "device out of memory", "1234567 bytes")
+    assert "RESOURCE_EXHAUSTED" not in line
+
+
+def test_broken_pipe(tiny_path):
+    """`... | head -c 5`: the reader is gone before the first piece is written."""
+    proc = subprocess.Popen([sys.executable, "-m", "llava_jax.run", "-m", str(tiny_path), "-p", "hello", "-n", "40",
+                             "--temp", "0", "--no-compile-cache"], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # the CLI is still importing jax: every write it makes fails
+    err = proc.stderr.read()
+    assert proc.wait(timeout=600) == 1, err
+    assert "Traceback" not in err and "Exception ignored" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == ["error: output closed early (broken pipe)"], err
+
+
+def test_corrupt_orbax_directory(tmp_path):
+    cache = tmp_path / "weights"
+    (cache / "params").mkdir(parents=True)
+    (cache / "meta.json").write_text(json.dumps({"text_metadata": {}, "text_tensors": [], "dtype": "float32"}))
+    (cache / "params" / "_METADATA").write_bytes(b"\x00garbage\xff" * 10)
+    (cache / "params" / "d").write_bytes(b"not a tensorstore")
+    assert_one_error_line(run_cli("-m", str(cache), "-p", "hi"), "corrupt or incomplete Orbax checkpoint", "weights")
+
+
+# ---- context size ------------------------------------------------------------------------------------------------
+
+
+def test_ctx_above_trained_context_warns(tiny_path, capsys):
+    rc, out, err = run_main(["-m", str(tiny_path), "-c", "128", "-p", "hello", "-n", "2", "--temp", "0"], capsys)
+    assert rc == 0, err
+    assert "warning: model was trained on only 64 context tokens (128 specified)" in err
+
+
+def test_too_long_prompt_message_is_true(tiny_path):
+    """The hint names the trained context without claiming a -c limit that does not exist."""
+    import llava_jax
+    from llava_jax.errors import LlavaError
+
+    llm = llava_jax.load(tiny_path, n_ctx=8)
+    with pytest.raises(LlavaError) as e:
+        llm.generate("hello hello hello", max_new_tokens=2, temperature=0)
+    msg = str(e.value)
+    assert "context is 8" in msg and "-c" in msg and "trained on 64" in msg and "at most" not in msg
+    llm = llava_jax.load(tiny_path, n_ctx=100)  # above the trained 64: a longer -c does not help the model
+    with pytest.raises(LlavaError) as e:
+        llm.generate("x" * 150, max_new_tokens=2, temperature=0)
+    assert "context is 100" in str(e.value) and "shorten the prompt" in str(e.value) and "at most" not in str(e.value)
+
+
+# ---- sampling flags, templates, defaults, --help -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize("flag, value, name", [("--min-p", "1.5", "min_p"), ("--top-p", "0", "top_p"),
+                                               ("--top-p", "1.2", "top_p"), ("--top-k", "-1", "top_k"),
+                                               ("--repeat-penalty", "0", "repeat_penalty"), ("--temp", "-0.5", "temperature"),
+                                               ("--repeat-last-n", "-2", "repeat-last-n")])
+def test_bad_sampling_flags(flag, value, name):
+    """Rejected before the model loads (no -m: the default model is never touched)."""
+    assert_one_error_line(run_cli("-p", "hi", flag, value), name)
+
+
+def test_unknown_template_rejected_text_only():
+    assert_one_error_line(run_cli("-p", "hi", "--chat-template", "nope"), "unknown chat template", "nope")
+
+
+def test_text_only_template_rule(tiny_path, capsys):
+    """Text-only: as is without --chat-template / -sys; wrapped in the named template (or, with -sys only, the
+    GGUF's) otherwise, exactly as batch_eval wraps text-only questions (`build_prompt(text, 0, template)`)."""
+    import llava_jax
+    from llava_jax.prompts import build_prompt, template_from_metadata
+
+    llm = llava_jax.load(tiny_path)
+
+    def prompt_ids(*flags: str) -> list[int]:
+        rc, out, err = run_main(["-m", str(tiny_path), "-c", "256", "-p", "hello", "-n", "1", "--temp", "0", "--json",
+                                 *flags], capsys)
+        assert rc == 0, err
+        return json.loads(out)["prompt_ids"]
+
+    assert prompt_ids() == llm.tokenize("hello")
+    assert prompt_ids("--chat-template", "chatml") == llm.tokenize("".join(build_prompt("hello", 0, "chatml")))
+    default = template_from_metadata(llm.metadata)
+    want = llm.tokenize("".join(build_prompt("hello", 0, default, "Be brief.")))
+    assert prompt_ids("-sys", "Be brief.") == want
+
+
+def test_help_shows_defaults_and_example():
+    proc = subprocess.run([sys.executable, "-m", "llava_jax.run", "--help"], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    text = " ".join(proc.stdout.split())
+    assert "--temp TEMP temperature, >= 0 (0 = greedy; llama-mtmd-cli's value) (default: 0.2)" in text
+    for fragment in ("(default: 40)", "(default: 0.95)", "(default: 0.05)", "(default: 1.0)", "(default: 64)",
+                     "-sys SYSTEM_PROMPT, --system-prompt SYSTEM_PROMPT", "--no-compile-cache", "example",
+                     "python -m llava_jax.run --default-mmproj --image", "text-only prompt is used as is"):
+        assert fragment in text, fragment
+
+
+def test_cli_defaults_are_mtmd_cli_defaults():
+    from llava_jax.run import build_parser
+
+    a = build_parser().parse_args([])
+    assert (a.temp, a.top_k, a.top_p, a.min_p, a.repeat_penalty, a.repeat_last_n) == (0.2, 40, 0.95, 0.05, 1.0, 64)
+
+
+# ---- startup cost: no jax for --help or `import llava_jax` -------------------------------------------------------
+
+
+@pytest.mark.parametrize("code", [
+    "import llava_jax, sys; assert 'jax' not in sys.modules, 'import llava_jax imported jax'",
+    "import sys\nfrom llava_jax.run import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\n"
+    "assert 'jax' not in sys.modules, '--help imported jax'",
+])
+def test_no_jax_import(code):
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+
+
+def test_lazy_names_still_work():
+    import llava_jax
+
+    assert callable(llava_jax.load) and llava_jax.Llava.__name__ == "Llava" and llava_jax.Tokenizer.from_gguf
+    assert set(llava_jax.__all__) <= set(dir(llava_jax))
+    with pytest.raises(AttributeError):
+        llava_jax.no_such_name  # noqa: B018
+
+
+def test_bucket_defaults_match_generate():
+    from llava_jax import defaults
+    from llava_jax.generate import Buckets
+
+    assert (defaults.BUCKET_MIN, defaults.BUCKET_STEP) == (Buckets.minimum, Buckets.step)
+
+
+# ---- persistent compilation cache -----------------------------------------------------------------------------
+
+
+def test_compile_cache_second_call_compiles_less(tiny_path, tmp_path):
+    """Two identical CLI calls with one fresh cache: the second loads its programs (timings.compile_s drops);
+    --no-compile-cache writes nothing."""
+    env = dict(os.environ, LLAVA_JAX_COMPILE_CACHE=str(tmp_path / "jax_cache"))
+    argv = [sys.executable, "-m", "llava_jax.run", "-m", str(tiny_path), "-p", "hello", "-n", "24", "--temp", "0",
+            "--json"]
+
+    def compile_s(*extra: str) -> float:
+        proc = subprocess.run([*argv, *extra], cwd=REPO, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        return json.loads(proc.stdout)["timings"]["compile_s"]
+
+    first = compile_s()
+    assert any((tmp_path / "jax_cache").iterdir()), "nothing was cached"
+    second = compile_s()
+    print(f"compile_s: first {first:.3f} s, second (cached) {second:.3f} s")
+    assert second < first
+    env["LLAVA_JAX_COMPILE_CACHE"] = str(tmp_path / "off")
+    compile_s("--no-compile-cache")
+    assert not (tmp_path / "off").exists() or not any((tmp_path / "off").iterdir())

@@ -6,7 +6,6 @@ import os
 import subprocess
 import sys
 import textwrap
-import time
 
 import jax
 import jax.numpy as jnp
@@ -194,18 +193,16 @@ def test_real_file_tensors(smollm2_path):
         assert_bits_equal(np.asarray(_jit_blocks(blocks, qtype)).reshape(want.shape), want)
 
 
-def test_real_file_speed(smollm2_path):
-    """The full 49152x576 Q8_0 embedding and a 576x1536 Q4_1 matrix dequantize well under a second."""
+def test_real_file_dequantizes(smollm2_path):
+    """The whole 49152x576 Q8_0 embedding and 576x1536 Q4_1 matrix of the real file (test_real_file_tensors
+    checks their first rows) dequantize under jit to what `gguf.quants` gives. Speed is measured by
+    scripts/bench.py, never asserted here."""
     from llava_jax.gguf_io import open_gguf
 
     f = open_gguf(smollm2_path)
+    fn = jax.jit(quants.dequantize, static_argnums=1)
     for name in ("token_embd.weight", "blk.0.ffn_down.weight"):
         t = f.tensors[name]
-        raw = jnp.asarray(t.raw)
-        fn = jax.jit(quants.dequantize, static_argnums=1)
-        fn(raw, t.qtype).block_until_ready()
-        t0 = time.perf_counter()
-        out = fn(raw, t.qtype).block_until_ready()
-        dt = time.perf_counter() - t0
-        assert out.shape == t.shape and out.dtype == jnp.float32
-        assert dt < 1.0, f"{name}: {dt:.3f} s"
+        out = np.asarray(fn(jnp.asarray(t.raw), t.qtype))
+        assert out.shape == t.shape and out.dtype == np.float32
+        assert_bits_equal(out, np.asarray(gq.dequantize(np.asarray(t.raw), t.qtype), np.float32).reshape(t.shape))
