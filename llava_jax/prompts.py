@@ -166,6 +166,13 @@ RAW = ChatTemplate(
 
 TEMPLATES: dict[str, ChatTemplate] = {t.name: t for t in (VICUNA, LLAVA_CLI, MISTRAL, CHATML, LLAMA3, RAW)}
 
+# LLaVA's `--conv-mode` names (its conversation.py `conv_templates`) → the template each one is. llava_v0
+# ("###"-separated Human/Assistant turns) has no template of its own here; vicuna is the closest.
+CONV_MODE_ALIASES: dict[str, str] = {
+    "vicuna_v1": "vicuna", "llava_v1": "vicuna", "llava_v0": "vicuna", "mistral_instruct": "mistral",
+    "chatml_direct": "chatml", "llava_llama_3": "llama3", "plain": "raw",
+}
+
 
 def template_from_metadata(metadata: dict) -> str:
     """A template name for a GGUF's metadata; "vicuna" when nothing says otherwise.
@@ -214,8 +221,9 @@ def build_prompt(text: str, n_images: int, template: str, system: str | None = N
         for i, part in enumerate(parts[1:]):
             pieces += [ImageSlot(i), part]
         return _merge(pieces)
+    template = CONV_MODE_ALIASES.get(template, template)
     if template not in TEMPLATES:
-        raise LlavaError(f"unknown chat template {template!r}; choose one of: {', '.join(TEMPLATES)}")
+        raise LlavaError(f"unknown chat template {template!r}; choose one of: {', '.join([*TEMPLATES, *CONV_MODE_ALIASES])}")
     return TEMPLATES[template].render(text, n_images, system)
 
 
