@@ -31,12 +31,47 @@ def is_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def leaf_axes(path: tuple[str, ...], ndim: int) -> tuple[str | None, ...]:
-    """Logical axes of a params leaf from its pytree path (text leaves by GGUF kind; vision replicated)."""
+    """Logical axes of a params leaf from its pytree path (text leaves by GGUF kind; vision replicated).
+    A quantized matrix's blocks (`.../weight/blocks`, uint8 [*lead, N, n_blocks, type_size]) shard like the
+    matrix over [N, n_blocks] (`params._block_spec` checks divisibility at restore through `sharding_for`)."""
     if path[0] == "text":
-        kind = path[-2] if path[-1] in ("weight", "bias") else path[-1]
-        axes = text_param_axes(f"{kind}.weight")
+        if path[-1] == "blocks":
+            axes = text_param_axes(f"{path[-3]}.weight") + (None,)
+        else:
+            kind = path[-2] if path[-1] in ("weight", "bias") else path[-1]
+            axes = text_param_axes(f"{kind}.weight")
         return (None,) * (ndim - len(axes)) + axes  # scanned blocks carry a leading layer axis
     return ("vision",) * ndim
+
+
+def split_qtensors(tree: dict) -> tuple[dict, dict]:
+    """QTensor leaves → {"blocks": array} subtrees, plus {"a/b/weight": [qtype, N, K]} to rebuild them."""
+    from llava_jax.qtensor import QTensor
+
+    info: dict[str, list] = {}
+
+    def walk(node, path):
+        if isinstance(node, QTensor):
+            info["/".join(path)] = [int(node.qtype), *node.matrix]
+            return {"blocks": node.blocks}
+        if isinstance(node, dict):
+            return {k: walk(v, (*path, k)) for k, v in node.items()}
+        return node
+
+    return walk(tree, ()), info
+
+
+def join_qtensors(tree: dict, info: dict) -> dict:
+    """Inverse of `split_qtensors`."""
+    from llava_jax.qtensor import Q, QTensor
+
+    for key, (qtype, n, k) in info.items():
+        node = tree
+        *parents, last = key.split("/")
+        for part in parents:
+            node = node[part]
+        node[last] = QTensor(node[last]["blocks"], Q(qtype), (n, k))
+    return tree
 
 
 def _key_names(path) -> tuple[str, ...]:

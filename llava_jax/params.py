@@ -91,9 +91,17 @@ class Leaf:
 
 
 def plan_layout(gguf: GGUFFile, cfg: TextConfig, fuse: bool, scan_layers: bool) -> list[Leaf]:
-    """Every params leaf of the decoder, in load order. A fuse group is fused (when `fuse`) only where all
-    its parts, in every layer it spans, share one storage type (rows of one block format)."""
+    """Every params leaf of the decoder, in load order. A fuse group is fused (when `fuse`) only where its
+    parts share one storage type (rows of one block format) in every layer (across layers too when
+    stacked), so all layers have one layout."""
     expected = expected_tensors(cfg)
+    qtype = {name: gguf.tensors[name].qtype for name in expected}
+
+    def fusable(group: str) -> bool:
+        per_layer = [{qtype[gguf_name(p, i)] for p in FUSE_GROUPS[group]} for i in range(cfg.n_layers)]
+        return all(len(t) == 1 for t in per_layer) and (not scan_layers or len(set().union(*per_layer)) == 1)
+
+    fused = {g for g in FUSE_GROUPS if fuse and gguf_name(FUSE_GROUPS[g][0], 0) in expected and fusable(g)}
     leaves: list[Leaf] = []
     for w in TEXT_WEIGHTS:
         name = gguf_name(w.kind)
@@ -102,19 +110,17 @@ def plan_layout(gguf: GGUFFile, cfg: TextConfig, fuse: bool, scan_layers: bool) 
     layer_sets = [tuple(range(cfg.n_layers))] if scan_layers else [(i,) for i in range(cfg.n_layers)]
     for layers in layer_sets:
         prefix = "blk" if scan_layers else f"blk_{layers[0]}"
-        done: set[str] = set()
         for w in TEXT_WEIGHTS:
-            if not w.per_layer or w.kind in done or gguf_name(w.kind, 0) not in expected:
+            if not w.per_layer or gguf_name(w.kind, 0) not in expected:
                 continue
-            parts = FUSE_GROUPS[w.fuse] if (fuse and w.fuse) else (w.kind,)
-            names = tuple(tuple(gguf_name(p, i) for p in parts) for i in layers)
-            if len(parts) > 1 and len({gguf.tensors[n].qtype for row in names for n in row}) == 1:
-                leaves.append(Leaf((prefix, w.fuse, "weight"), w.fuse, w.storage, names, scan_layers))
-                done.update(parts)
+            if w.fuse in fused:
+                parts = FUSE_GROUPS[w.fuse]
+                if w.kind == parts[0]:
+                    names = tuple(tuple(gguf_name(p, i) for p in parts) for i in layers)
+                    leaves.append(Leaf((prefix, w.fuse, "weight"), w.fuse, w.storage, names, scan_layers))
                 continue
             leaves.append(Leaf((prefix, w.kind, "weight"), w.kind, w.storage,
                                tuple((gguf_name(w.kind, i),) for i in layers), scan_layers))
-            done.add(w.kind)
     return leaves
 
 
@@ -211,7 +217,7 @@ def stack_layers(params: dict, n_layers: int, mesh, rules: ShardingRules) -> dic
         if isinstance(leaves[0], QTensor):
             spec = spec_for((n_layers, *leaves[0].shape), (None, *weights_axes(path[-2].key)), mesh, rules)
             out = NamedSharding(mesh, _block_spec(tuple(spec), leaves[0].blocks.shape[-2], mesh))
-            return QTensor(_stack(out)(*[x.blocks for x in leaves]), leaves[0].qtype, leaves[0].shape)
+            return QTensor(_stack(out)(*[x.blocks for x in leaves]), leaves[0].qtype, leaves[0].matrix)
         axes = (None, *weights_axes(path[-2].key))
         return _stack(sharding_for((n_layers, *leaves[0].shape), axes, mesh, rules))(*leaves)
 

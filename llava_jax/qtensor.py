@@ -33,14 +33,19 @@ STORABLE: frozenset[GGMLQuantizationType] = frozenset(
 WEIGHT_MODES = ("quantized", "dequantized")
 
 
-@partial(jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["qtype", "shape"])
+@partial(jax.tree_util.register_dataclass, data_fields=["blocks"], meta_fields=["qtype", "matrix"])
 @dataclass(frozen=True)
 class QTensor:
     """A `[N, K]` matrix (or a stack of them) in ggml blocks. blocks: uint8 `[*lead, N, K // bs, ts]`."""
 
     blocks: jax.Array
     qtype: GGMLQuantizationType
-    shape: tuple[int, int]  # logical (N, K) of one matrix
+    matrix: tuple[int, int]  # logical (N, K) of one matrix
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """Logical shape, as the plain array would have: `[*lead, N, K]`."""
+        return (*self.blocks.shape[:-3], *self.matrix)
 
     @property
     def block_size(self) -> int:
@@ -57,16 +62,16 @@ class QTensor:
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """→ `[*lead, N, K]` in `dtype` (inside jit: a temporary of one weight)."""
         lead = self.blocks.shape[:-3]
-        return quants.dequantize_blocks(self.blocks, self.qtype).reshape(*lead, *self.shape).astype(dtype)
+        return quants.dequantize_blocks(self.blocks, self.qtype).reshape(*lead, *self.matrix).astype(dtype)
 
     def take_rows(self, ids: jax.Array, dtype=jnp.float32) -> jax.Array:
         """Rows `ids` (int [...]) dequantized → `[..., K]` (an embedding lookup reads only those rows)."""
         rows = jnp.take(self.blocks, ids, axis=-3)
-        return quants.dequantize_blocks(rows, self.qtype).reshape(*ids.shape, self.shape[1]).astype(dtype)
+        return quants.dequantize_blocks(rows, self.qtype).reshape(*ids.shape, self.matrix[1]).astype(dtype)
 
     def row_slice(self, start: int, size: int) -> QTensor:
         """Rows [start, start + size) (e.g. one projection of a fused weight)."""
-        return QTensor(self.blocks[..., start:start + size, :, :], self.qtype, (size, self.shape[1]))
+        return QTensor(self.blocks[..., start:start + size, :, :], self.qtype, (size, self.matrix[1]))
 
 
 def is_qtensor(x) -> bool:

@@ -103,7 +103,7 @@ def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype
     `cpu_kernels.gemv` / `qgemv` (XLA:CPU, one device) instead of XLA's dot, reading blocks directly."""
     x = x.astype(dtype)
     if isinstance(w, QTensor):
-        if kernel and cpu_kernels.qgemv_applies(x.shape, x.dtype, w.qtype, w.shape[1]):
+        if kernel and cpu_kernels.qgemv_applies(x.shape, x.dtype, w.qtype, w.matrix[1]):
             return cpu_kernels.qgemv(x, w.blocks, w.qtype).astype(out_dtype or dtype)
         w = w.dequantize(dtype)
     if kernel and cpu_kernels.gemv_applies(x.shape, x.dtype, w.dtype):

@@ -32,6 +32,10 @@
 #include <thread>
 #include <vector>
 
+#if defined(__F16C__) || defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -445,11 +449,100 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::
 // ---- quantized matrix-vector product --------------------------------------------------------------
 //
 // `LlavaQGemv`: x f32 [M, K], w u8 [N, row_bytes] (one GGUF row of ggml blocks per output), attribute
-// qtype (ggml's type id) -> y f32 [M, N] = x . dequantize(w)^T. Each block is unpacked and scaled
-// into a small buffer that stays in L1 (32 or 256 floats), then multiplied into every input row's
-// sums: the weights are read from memory once, in their packed size (Q4_K: 4.5 bits a weight, 1/7 of
-// f32), and the values are exactly those `llava_jax.quants` dequantizes to (only the order of the f32
-// sums differs from an XLA dot of the dequantized weight). Block layouts: see llava_jax/quants.py.
+// qtype (ggml's type id) -> y f32 [M, N] = x . dequantize(w)^T. Each block is unpacked sixteen weights
+// at a time into vector registers (bytes -> nibbles / bit fields -> f32, times the block's scales:
+// exactly the values `llava_jax.quants` dequantizes to, since every product there is exact) and
+// multiplied straight into every input row's sums. The weights are read from memory once, in their
+// packed size (Q4_K: 4.5 bits a weight, 1/7 of f32), and no f32 copy of them is written anywhere; only
+// the order of the f32 sums differs from an XLA dot of the dequantized weight. Sixteen weights share
+// one scale in every format, so a unit never straddles two. Block layouts: see llava_jax/quants.py.
+
+typedef float F16v __attribute__((vector_size(64)));  // one zmm with AVX-512, two ymm with AVX2
+
+inline F16v Load16(const float* p) {
+  F16v x;
+  std::memcpy(&x, p, sizeof x);
+  return x;
+}
+inline float Sum16(F16v s) {
+  float t = 0.0f;
+  for (int j = 0; j < 8; ++j) t += s[j] + s[j + 8];
+  return t;
+}
+
+// Sixteen bytes as one value (B16) and the few operations the formats need on it: SSE / AVX
+// instructions on x86 (GCC's generic byte vectors are often scalarized), plain loops elsewhere.
+#if defined(__AVX2__)
+using B16 = __m128i;
+inline B16 LoadB16(const uint8_t* p) { return _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)); }
+inline B16 SplatB16(uint8_t v) { return _mm_set1_epi8(static_cast<char>(v)); }
+inline B16 And(B16 v, uint8_t m) { return _mm_and_si128(v, SplatB16(m)); }
+inline B16 Or(B16 a, B16 b) { return _mm_or_si128(a, b); }
+inline B16 Shr(B16 v, int s) { return _mm_and_si128(_mm_srli_epi16(v, s), SplatB16(static_cast<uint8_t>(0xFF >> s))); }
+inline B16 Shl(B16 v, int s) { return _mm_and_si128(_mm_slli_epi16(v, s), SplatB16(static_cast<uint8_t>(0xFF << s))); }
+inline B16 SubB16(B16 a, B16 b) { return _mm_sub_epi8(a, b); }
+inline B16 NonZero01(B16 v) { return _mm_andnot_si128(_mm_cmpeq_epi8(v, _mm_setzero_si128()), SplatB16(1)); }
+#if defined(__AVX512F__)
+inline F16v UToF(B16 v) { return reinterpret_cast<F16v>(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(v))); }
+inline F16v SToF(B16 v) { return reinterpret_cast<F16v>(_mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v))); }
+#else
+inline F16v Join(__m256 lo, __m256 hi) {
+  F16v out;
+  std::memcpy(&out, &lo, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &hi, 32);
+  return out;
+}
+inline F16v UToF(B16 v) {
+  return Join(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_srli_si128(v, 8))));
+}
+inline F16v SToF(B16 v) {
+  return Join(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)), _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_srli_si128(v, 8))));
+}
+#endif
+#else
+struct B16 {
+  uint8_t b[16];
+};
+inline B16 LoadB16(const uint8_t* p) {
+  B16 v;
+  std::memcpy(v.b, p, 16);
+  return v;
+}
+inline B16 SplatB16(uint8_t x) {
+  B16 v;
+  std::memset(v.b, x, 16);
+  return v;
+}
+template <class Op>
+inline B16 Map(B16 v, Op op) {
+  for (auto& x : v.b) x = static_cast<uint8_t>(op(x));
+  return v;
+}
+inline B16 And(B16 v, uint8_t m) { return Map(v, [m](uint8_t x) { return x & m; }); }
+inline B16 Or(B16 a, B16 b) {
+  for (int j = 0; j < 16; ++j) a.b[j] |= b.b[j];
+  return a;
+}
+inline B16 Shr(B16 v, int s) { return Map(v, [s](uint8_t x) { return x >> s; }); }
+inline B16 Shl(B16 v, int s) { return Map(v, [s](uint8_t x) { return x << s; }); }
+inline B16 SubB16(B16 a, B16 b) {
+  for (int j = 0; j < 16; ++j) a.b[j] = static_cast<uint8_t>(a.b[j] - b.b[j]);
+  return a;
+}
+inline B16 NonZero01(B16 v) { return Map(v, [](uint8_t x) { return x != 0; }); }
+inline F16v UToF(B16 v) {
+  F16v f;
+  for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(v.b[j]);
+  return f;
+}
+inline F16v SToF(B16 v) {
+  F16v f;
+  for (int j = 0; j < 16; ++j) f[j] = static_cast<float>(static_cast<int8_t>(v.b[j]));
+  return f;
+}
+#endif
+// Bit j (0..7) of each of sixteen bytes, as 0 / 1.
+inline B16 BitOf(B16 v, int j) { return And(Shr(v, j), 1); }
 
 // Half-precision bits -> float, exact for every pattern (subnormals, inf, nan).
 inline float HalfToFloat(uint16_t h) {
@@ -475,140 +568,162 @@ inline float HalfToFloat(uint16_t h) {
 }
 
 inline uint16_t U16(const uint8_t* b) { return static_cast<uint16_t>(b[0] | (b[1] << 8)); }
+inline uint32_t U32(const uint8_t* b) {
+  return b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
+}
 inline float F16At(const uint8_t* b) { return HalfToFloat(U16(b)); }
+
+// Bits b0..b0+15 of a 32-bit word as sixteen 0 / 1 bytes (Q5_0 / Q5_1's high bits).
+inline B16 BitsOfWord(uint32_t w, int b0) {
+  uint8_t bits[16];
+  for (int j = 0; j < 16; ++j) bits[j] = static_cast<uint8_t>((w >> (b0 + j)) & 1);
+  return LoadB16(bits);
+}
+
+// Sixteen f16 values -> f32 (F16C where the CPU has it).
+inline F16v HalvesToF(const uint8_t* p) {
+  F16v out;
+#if defined(__AVX512F__)
+  __m256i h;
+  std::memcpy(&h, p, 32);
+  const __m512 f = _mm512_cvtph_ps(h);
+  std::memcpy(&out, &f, sizeof out);
+#elif defined(__F16C__)
+  __m128i h0, h1;
+  std::memcpy(&h0, p, 16);
+  std::memcpy(&h1, p + 16, 16);
+  const __m256 f0 = _mm256_cvtph_ps(h0), f1 = _mm256_cvtph_ps(h1);
+  std::memcpy(&out, &f0, 32);
+  std::memcpy(reinterpret_cast<char*>(&out) + 32, &f1, 32);
+#else
+  for (int j = 0; j < 16; ++j) out[j] = HalfToFloat(U16(p + 2 * j));
+#endif
+  return out;
+}
 
 enum QType : int32_t {  // ggml's type ids (gguf.GGMLQuantizationType)
   kF16 = 1, kQ4_0 = 2, kQ4_1 = 3, kQ5_0 = 6, kQ5_1 = 7, kQ8_0 = 8,
   kQ2_K = 10, kQ3_K = 11, kQ4_K = 12, kQ5_K = 13, kQ6_K = 14, kBF16 = 30,
 };
 
-// One format: BS values from TS bytes. F16 / BF16 are read 32 values (64 bytes) at a time.
+// One format: BS values from TS bytes; Block(b, sink) calls sink(e, w) for each sixteen weights w
+// (elements e..e+15 of the block). F16 / BF16 are read 32 values (64 bytes) at a time. The loops are
+// unrolled so that every `e` is a constant (the sinks pick accumulator registers by it).
 template <int T> struct Fmt;
 
 template <> struct Fmt<kF16> {
   static constexpr int BS = 32, TS = 64;
-  static void Deq(const uint8_t* b, float* y) {
-    for (int j = 0; j < 32; ++j) y[j] = HalfToFloat(U16(b + 2 * j));
+  template <class S> static void Block(const uint8_t* b, S& sink) {
+    sink(0, HalvesToF(b));
+    sink(16, HalvesToF(b + 32));
   }
 };
 
 template <> struct Fmt<kBF16> {
   static constexpr int BS = 32, TS = 64;
-  static void Deq(const uint8_t* b, float* y) {
-    for (int j = 0; j < 32; ++j) {
-      const uint32_t bits = static_cast<uint32_t>(U16(b + 2 * j)) << 16;
-      std::memcpy(y + j, &bits, 4);
+  template <class S> static void Block(const uint8_t* b, S& sink) {
+#pragma GCC unroll 2
+    for (int e = 0; e < 32; e += 16) {
+      F16v w;
+      for (int j = 0; j < 16; ++j) {
+        const uint32_t bits = static_cast<uint32_t>(U16(b + 2 * (e + j))) << 16;
+        std::memcpy(&w[j], &bits, 4);
+      }
+      sink(e, w);
     }
   }
 };
 
 template <> struct Fmt<kQ4_0> {
   static constexpr int BS = 32, TS = 18;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b);
-    const uint8_t* qs = b + 2;
-    for (int j = 0; j < 16; ++j) {
-      y[j] = d * static_cast<float>((qs[j] & 0x0F) - 8);
-      y[j + 16] = d * static_cast<float>((qs[j] >> 4) - 8);
-    }
+    const B16 v = LoadB16(b + 2);
+    sink(0, (UToF(And(v, 0x0F)) - 8.0f) * d);
+    sink(16, (UToF(Shr(v, 4)) - 8.0f) * d);
   }
 };
 
 template <> struct Fmt<kQ4_1> {
   static constexpr int BS = 32, TS = 20;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b), m = F16At(b + 2);
-    const uint8_t* qs = b + 4;
-    for (int j = 0; j < 16; ++j) {
-      y[j] = d * static_cast<float>(qs[j] & 0x0F) + m;
-      y[j + 16] = d * static_cast<float>(qs[j] >> 4) + m;
-    }
+    const B16 v = LoadB16(b + 4);
+    sink(0, UToF(And(v, 0x0F)) * d + m);
+    sink(16, UToF(Shr(v, 4)) * d + m);
   }
 };
 
-inline uint32_t U32(const uint8_t* b) { return b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24); }
-
 template <> struct Fmt<kQ5_0> {
   static constexpr int BS = 32, TS = 22;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b);
     const uint32_t qh = U32(b + 2);
-    const uint8_t* qs = b + 6;
-    for (int j = 0; j < 16; ++j) {
-      const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
-      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-      y[j] = d * static_cast<float>(lo - 16);
-      y[j + 16] = d * static_cast<float>(hi - 16);
-    }
+    const B16 v = LoadB16(b + 6);
+    sink(0, (UToF(Or(And(v, 0x0F), Shl(BitsOfWord(qh, 0), 4))) - 16.0f) * d);
+    sink(16, (UToF(Or(Shr(v, 4), Shl(BitsOfWord(qh, 16), 4))) - 16.0f) * d);
   }
 };
 
 template <> struct Fmt<kQ5_1> {
   static constexpr int BS = 32, TS = 24;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b), m = F16At(b + 2);
     const uint32_t qh = U32(b + 4);
-    const uint8_t* qs = b + 8;
-    for (int j = 0; j < 16; ++j) {
-      const int lo = (qs[j] & 0x0F) | (((qh >> j) & 1) << 4);
-      const int hi = (qs[j] >> 4) | (((qh >> (j + 16)) & 1) << 4);
-      y[j] = d * static_cast<float>(lo) + m;
-      y[j + 16] = d * static_cast<float>(hi) + m;
-    }
+    const B16 v = LoadB16(b + 8);
+    sink(0, UToF(Or(And(v, 0x0F), Shl(BitsOfWord(qh, 0), 4))) * d + m);
+    sink(16, UToF(Or(Shr(v, 4), Shl(BitsOfWord(qh, 16), 4))) * d + m);
   }
 };
 
 template <> struct Fmt<kQ8_0> {
   static constexpr int BS = 32, TS = 34;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b);
-    const int8_t* qs = reinterpret_cast<const int8_t*>(b + 2);
-    for (int j = 0; j < 32; ++j) y[j] = static_cast<float>(qs[j]) * d;
+    sink(0, SToF(LoadB16(b + 2)) * d);
+    sink(16, SToF(LoadB16(b + 18)) * d);
   }
 };
 
 template <> struct Fmt<kQ2_K> {
   static constexpr int BS = 256, TS = 84;
-  static void Deq(const uint8_t* b, float* y) {
-    const uint8_t* sc = b;
-    const uint8_t* qs = b + 16;
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b + 80), dmin = F16At(b + 82);
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half)
+#pragma GCC unroll 4
       for (int shift = 0; shift < 4; ++shift)
-        for (int g = 0; g < 2; ++g) {  // two groups of 16 values per (half, shift)
+#pragma GCC unroll 2
+        for (int g = 0; g < 2; ++g) {  // a group of 16 values, one scale and min
           const int e0 = half * 128 + shift * 32 + g * 16;
-          const uint8_t s = sc[e0 / 16];
-          const float dl = d * static_cast<float>(s & 0x0F), ml = dmin * static_cast<float>(s >> 4);
-          for (int l = 0; l < 16; ++l)
-            y[e0 + l] = dl * static_cast<float>((qs[half * 32 + g * 16 + l] >> (2 * shift)) & 3) - ml;
+          const uint8_t sc = b[e0 / 16];
+          const float dl = d * static_cast<float>(sc & 0x0F), ml = dmin * static_cast<float>(sc >> 4);
+          const B16 v = LoadB16(b + 16 + half * 32 + g * 16);
+          sink(e0, UToF(And(Shr(v, 2 * shift), 3)) * dl - ml);
         }
   }
 };
 
 template <> struct Fmt<kQ3_K> {
   static constexpr int BS = 256, TS = 110;
-  static void Deq(const uint8_t* b, float* y) {
-    const uint8_t* hm = b;
-    const uint8_t* qs = b + 32;
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const uint8_t* s = b + 96;
     const float d = F16At(b + 108);
-    int sc[16];
-    for (int i = 0; i < 16; ++i) {
-      const int lo = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
-      const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
-      sc[i] = (lo | (hi << 4)) - 32;
-    }
+    const B16 four = SplatB16(4);
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half)
+#pragma GCC unroll 4
       for (int shift = 0; shift < 4; ++shift) {
         const int j = half * 4 + shift;  // hmask bit
+#pragma GCC unroll 2
         for (int g = 0; g < 2; ++g) {
-          const int e0 = j * 32 + g * 16;
-          const float dl = d * static_cast<float>(sc[e0 / 16]);
-          for (int l = 0; l < 16; ++l) {
-            const int ll = g * 16 + l;
-            const int q = ((qs[half * 32 + ll] >> (2 * shift)) & 3) - (((hm[ll] >> j) & 1) ? 0 : 4);
-            y[e0 + l] = dl * static_cast<float>(q);
-          }
+          const int e0 = j * 32 + g * 16, i = e0 / 16;
+          const int lo = i < 8 ? (s[i] & 0x0F) : (s[i - 8] >> 4);
+          const int hi = (s[8 + (i % 4)] >> (2 * (i / 4))) & 3;
+          const float dl = d * static_cast<float>((lo | (hi << 4)) - 32);
+          const B16 ql = And(Shr(LoadB16(b + 32 + half * 32 + g * 16), 2 * shift), 3);
+          const B16 set = Shl(BitOf(LoadB16(b + g * 16), j), 2);  // 4 where the hmask bit is set
+          sink(e0, SToF(SubB16(ql, SubB16(four, set))) * dl);
         }
       }
   }
@@ -626,19 +741,18 @@ inline void ScaleMinK4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
 
 template <> struct Fmt<kQ4_K> {
   static constexpr int BS = 256, TS = 144;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b), dmin = F16At(b + 2);
     uint8_t sc[8], mn[8];
     ScaleMinK4(b + 4, sc, mn);
-    const uint8_t* qs = b + 16;
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const float d0 = d * sc[2 * c], m0 = dmin * mn[2 * c];
-      const float d1 = d * sc[2 * c + 1], m1 = dmin * mn[2 * c + 1];
-      const uint8_t* q = qs + 32 * c;
-      float* y0 = y + 64 * c;
-      for (int l = 0; l < 32; ++l) {
-        y0[l] = d0 * static_cast<float>(q[l] & 0x0F) - m0;
-        y0[l + 32] = d1 * static_cast<float>(q[l] >> 4) - m1;
+      const float d0 = d * sc[2 * c], m0 = dmin * mn[2 * c], d1 = d * sc[2 * c + 1], m1 = dmin * mn[2 * c + 1];
+#pragma GCC unroll 2
+      for (int l = 0; l < 32; l += 16) {
+        const B16 v = LoadB16(b + 16 + 32 * c + l);
+        sink(64 * c + l, UToF(And(v, 0x0F)) * d0 - m0);
+        sink(64 * c + 32 + l, UToF(Shr(v, 4)) * d1 - m1);
       }
     }
   }
@@ -646,20 +760,19 @@ template <> struct Fmt<kQ4_K> {
 
 template <> struct Fmt<kQ5_K> {
   static constexpr int BS = 256, TS = 176;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const float d = F16At(b), dmin = F16At(b + 2);
     uint8_t sc[8], mn[8];
     ScaleMinK4(b + 4, sc, mn);
-    const uint8_t* qh = b + 16;
-    const uint8_t* qs = b + 48;
+#pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const int j0 = 2 * c, j1 = 2 * c + 1;
       const float d0 = d * sc[j0], m0 = dmin * mn[j0], d1 = d * sc[j1], m1 = dmin * mn[j1];
-      const uint8_t* q = qs + 32 * c;
-      float* y0 = y + 64 * c;
-      for (int l = 0; l < 32; ++l) {
-        y0[l] = d0 * static_cast<float>((q[l] & 0x0F) | (((qh[l] >> j0) & 1) << 4)) - m0;
-        y0[l + 32] = d1 * static_cast<float>((q[l] >> 4) | (((qh[l] >> j1) & 1) << 4)) - m1;
+#pragma GCC unroll 2
+      for (int l = 0; l < 32; l += 16) {
+        const B16 v = LoadB16(b + 48 + 32 * c + l), h = LoadB16(b + 16 + l);
+        sink(64 * c + l, UToF(Or(And(v, 0x0F), Shl(BitOf(h, j0), 4))) * d0 - m0);
+        sink(64 * c + 32 + l, UToF(Or(Shr(v, 4), Shl(BitOf(h, j1), 4))) * d1 - m1);
       }
     }
   }
@@ -667,24 +780,26 @@ template <> struct Fmt<kQ5_K> {
 
 template <> struct Fmt<kQ6_K> {
   static constexpr int BS = 256, TS = 210;
-  static void Deq(const uint8_t* b, float* y) {
+  template <class S> static void Block(const uint8_t* b, S& sink) {
     const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
     const float d = F16At(b + 208);
+    const B16 k32 = SplatB16(32);
+#pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = b + 64 * half;
       const uint8_t* qh = b + 128 + 32 * half;
-      float* yh = y + 128 * half;
       const int8_t* s = sc + 8 * half;
-      for (int l = 0; l < 32; ++l) {
+#pragma GCC unroll 2
+      for (int l = 0; l < 32; l += 16) {
         const int is = l / 16;
-        const int q1 = ((ql[l] & 0x0F) | (((qh[l] >> 0) & 3) << 4)) - 32;
-        const int q2 = ((ql[l + 32] & 0x0F) | (((qh[l] >> 2) & 3) << 4)) - 32;
-        const int q3 = ((ql[l] >> 4) | (((qh[l] >> 4) & 3) << 4)) - 32;
-        const int q4 = ((ql[l + 32] >> 4) | (((qh[l] >> 6) & 3) << 4)) - 32;
-        yh[l] = d * static_cast<float>(s[is]) * static_cast<float>(q1);
-        yh[l + 32] = d * static_cast<float>(s[is + 2]) * static_cast<float>(q2);
-        yh[l + 64] = d * static_cast<float>(s[is + 4]) * static_cast<float>(q3);
-        yh[l + 96] = d * static_cast<float>(s[is + 6]) * static_cast<float>(q4);
+        const B16 a = LoadB16(ql + l), c = LoadB16(ql + 32 + l), h = LoadB16(qh + l);
+        const B16 q1 = Or(And(a, 0x0F), Shl(And(h, 3), 4)), q2 = Or(And(c, 0x0F), Shl(And(Shr(h, 2), 3), 4));
+        const B16 q3 = Or(Shr(a, 4), Shl(And(Shr(h, 4), 3), 4)), q4 = Or(Shr(c, 4), Shl(Shr(h, 6), 4));
+        const int e = 128 * half + l;
+        sink(e, SToF(SubB16(q1, k32)) * (d * static_cast<float>(s[is])));
+        sink(e + 32, SToF(SubB16(q2, k32)) * (d * static_cast<float>(s[is + 2])));
+        sink(e + 64, SToF(SubB16(q3, k32)) * (d * static_cast<float>(s[is + 4])));
+        sink(e + 96, SToF(SubB16(q4, k32)) * (d * static_cast<float>(s[is + 6])));
       }
     }
   }
@@ -700,44 +815,50 @@ struct QGemvJob {
   void (*rows)(const QGemvJob&, int64_t, int64_t);
 };
 
-// Rows [r0, r1): each block unpacked once into `buf`, then multiplied into all m inputs' sums.
+// Rows [r0, r1) for one input row: four accumulators (picked by the constant element offset) hide the
+// multiply-add latency.
+template <int T>
+void QRowsOne(const QGemvJob& job, int64_t r0, int64_t r1) {
+  using F = Fmt<T>;
+  const int64_t nb = job.k / F::BS;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = job.w + r * job.row_bytes;
+    F16v acc0{}, acc1{}, acc2{}, acc3{};
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      const float* xb = job.x + blk * F::BS;
+      auto sink = [&](int e, F16v w) {
+        const F16v p = w * Load16(xb + e);
+        switch ((e >> 4) & 3) {
+          case 0: acc0 += p; break;
+          case 1: acc1 += p; break;
+          case 2: acc2 += p; break;
+          default: acc3 += p; break;
+        }
+      };
+      F::Block(row + blk * F::TS, sink);
+    }
+    job.y[r] = Sum16((acc0 + acc1) + (acc2 + acc3));
+  }
+}
+
+// Rows [r0, r1) for m inputs: each block unpacked once, multiplied into all m rows' sums.
 template <int T>
 void QRows(const QGemvJob& job, int64_t r0, int64_t r1) {
   using F = Fmt<T>;
-  alignas(64) float buf[F::BS];
+  if (job.m == 1) return QRowsOne<T>(job, r0, r1);
   const int64_t nb = job.k / F::BS, m = job.m, k = job.k;
   for (int64_t r = r0; r < r1; ++r) {
     const uint8_t* row = job.w + r * job.row_bytes;
-    if (m == 1) {
-      F8 a{}, c{};
-      const float* x = job.x;
-      for (int64_t blk = 0; blk < nb; ++blk) {
-        F::Deq(row + blk * F::TS, buf);
-        const float* xb = x + blk * F::BS;
-        for (int e = 0; e < F::BS; e += 16) {
-          a += Load8(buf + e) * Load8(xb + e);
-          c += Load8(buf + e + 8) * Load8(xb + e + 8);
-        }
-      }
-      const F8 s = a + c;
-      job.y[r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-      continue;
-    }
-    F8 acc[kQGemvMaxRows];
-    for (int64_t i = 0; i < m; ++i) acc[i] = F8{};
+    F16v acc[kQGemvMaxRows];
+    for (int64_t i = 0; i < m; ++i) acc[i] = F16v{};
     for (int64_t blk = 0; blk < nb; ++blk) {
-      F::Deq(row + blk * F::TS, buf);
-      for (int64_t i = 0; i < m; ++i) {
-        const float* xb = job.x + i * k + blk * F::BS;
-        F8 a = acc[i];
-        for (int e = 0; e < F::BS; e += 8) a += Load8(buf + e) * Load8(xb + e);
-        acc[i] = a;
-      }
+      const float* xb = job.x + blk * F::BS;
+      auto sink = [&](int e, F16v w) {
+        for (int64_t i = 0; i < m; ++i) acc[i] += w * Load16(xb + i * k + e);
+      };
+      F::Block(row + blk * F::TS, sink);
     }
-    for (int64_t i = 0; i < m; ++i) {
-      const F8 s = acc[i];
-      job.y[i * job.n + r] = ((s[0] + s[1]) + (s[2] + s[3])) + ((s[4] + s[5]) + (s[6] + s[7]));
-    }
+    for (int64_t i = 0; i < m; ++i) job.y[i * job.n + r] = Sum16(acc[i]);
   }
 }
 
