@@ -178,6 +178,7 @@ def test_prompt_longer_than_context(smollm2_path, smollm2_reference):
     r = smollm2_reference[3]  # 15 tokens
     line = assert_one_error_line(run_cli("-m", str(smollm2_path), "-c", "8", "-p", r["prompt"]), "context is 8")
     assert "prompt is 15 tokens" in line
+    assert "trained on 8192 tokens" in line and "at most" not in line  # -c has no such limit (above it: a warning)
 
 
 def test_no_prompt(smollm2_path):
@@ -350,12 +351,14 @@ def test_too_long_prompt_message_is_true(tiny_path):
                                                ("--repeat-penalty", "0", "repeat_penalty"), ("--temp", "-0.5", "temperature"),
                                                ("--repeat-last-n", "-2", "repeat-last-n")])
 def test_bad_sampling_flags(flag, value, name):
-    """Rejected before the model loads (no -m: the default model is never touched)."""
-    assert_one_error_line(run_cli("-p", "hi", flag, value), name)
+    """Rejected before the model loads (the model path does not exist: it is never opened)."""
+    assert_one_error_line(run_cli("-m", "never-opened.gguf", "-p", "hi", flag, value), name)
 
 
 def test_unknown_template_rejected_text_only():
-    assert_one_error_line(run_cli("-p", "hi", "--chat-template", "nope"), "unknown chat template", "nope")
+    line = assert_one_error_line(run_cli("-m", "never-opened.gguf", "-p", "hi", "--chat-template", "nope"),
+                                 "unknown chat template", "nope")
+    assert "vicuna" in line  # the names to choose from
 
 
 def test_text_only_template_rule(tiny_path, capsys):
