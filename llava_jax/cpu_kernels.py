@@ -12,6 +12,9 @@ Two kernels (`kernels/decode_kernels.cc`), used by one-token decode steps on one
 - `qgemv`: the same products over weights kept in GGUF's block formats (`qtensor.QTensor`): each
   block is unpacked and scaled into an L1-resident buffer and multiplied into every input row, so a
   decode step reads the packed bytes (Q4_K: 4.5 bits a weight) instead of f32.
+- `dequantize`: the same unpacking into an f32 `[N, K]` array at memory speed, for the products too
+  large for a gemv (prefill, teacher forcing, the vision tower): XLA's dot then reads it (XLA's own
+  elementwise dequantization runs ~0.2 G weights/s on the 2-core VM).
 All run on XLA's intra-op threads. The pure-XLA paths (`text.attention`, `text.Linear`'s einsum) stay
 the reference; tests hold the kernels to them within f32 rounding.
 
@@ -44,8 +47,8 @@ from gguf import GGMLQuantizationType as Q
 
 SOURCE = Path(__file__).parent / "kernels" / "decode_kernels.cc"
 TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv",
-           "llava_jax_qgemv": "LlavaQGemv"}  # name: symbol
-ATTENTION, GEMV, QGEMV = TARGETS
+           "llava_jax_qgemv": "LlavaQGemv", "llava_jax_dequantize": "LlavaDequantize"}  # name: symbol
+ATTENTION, GEMV, QGEMV, DEQUANTIZE = TARGETS
 GEMV_MAX_ROWS = 8  # more input rows than this: XLA's dot (a skinny matrix product, not a gemv)
 QGEMV_MAX_ROWS = 16  # the quantized product's limit (kQGemvMaxRows in the source)
 # Block formats the quantized product reads directly (ggml type → values per unit the kernel reads);
@@ -192,3 +195,21 @@ def qgemv(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
     y = jax.ffi.ffi_call(QGEMV, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
         x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
     return y.reshape(*lead, n)
+
+
+def dequantize_applies(qtype, k: int) -> bool:
+    """Whether `dequantize` reads this type for rows of `k` values."""
+    unit = QGEMV_UNITS.get(qtype)
+    return unit is not None and k % unit == 0
+
+
+def dequantize(blocks: jax.Array, qtype, k: int) -> jax.Array:
+    """uint8 blocks [N, K / block_size, type_size] (or [N, row_bytes]) → f32 [N, K], bit-exact with
+    `quants.dequantize`."""
+    _require()
+    n = blocks.shape[0]
+    if blocks.dtype != jnp.uint8 or not dequantize_applies(qtype, k):
+        raise ValueError(f"dequantize takes uint8 blocks of a type in QGEMV_UNITS with rows of whole units; got "
+                         f"{blocks.dtype}{list(blocks.shape)} {getattr(qtype, 'name', qtype)} k={k}")
+    return jax.ffi.ffi_call(DEQUANTIZE, jax.ShapeDtypeStruct((n, k), jnp.float32))(
+        blocks.reshape(n, -1), qtype=np.int32(int(qtype)))

@@ -179,6 +179,20 @@ class GGUFFile:
             out[tname] = TensorView(tname, shape, qtype, raw)
         return out
 
+    def release(self, view: TensorView) -> None:
+        """Drop the mapped pages of `view` from this process (after its data was copied to the devices):
+        otherwise the file's pages stay resident beside the copies and count twice in the RSS. Harmless
+        if the data is read again (the pages come back from the file)."""
+        mm = getattr(self._map, "_mmap", None)
+        if mm is None or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        start = view.raw.ctypes.data - self._map.ctypes.data
+        page = mmap.PAGESIZE
+        lo = start // page * page
+        hi = min(-(-(start + view.raw.nbytes) // page) * page, len(mm))
+        if hi > lo:
+            mm.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
+
     @property
     def architecture(self) -> str | None:
         return self.metadata.get("general.architecture")

@@ -201,7 +201,12 @@ def load_text_params(gguf: GGUFFile, cfg: TextConfig, mesh, dtype, rules: Shardi
     check_tensors(gguf, cfg.expected_tensors())
     params: dict = {}
     for leaf in plan_layout(gguf, cfg, fuse, scan_layers):
-        _set(params, leaf.path, place_leaf(gguf, leaf, mesh, rules, dtype, weights, notice))
+        value = place_leaf(gguf, leaf, mesh, rules, dtype, weights, notice)
+        jax.block_until_ready(value)
+        for row in leaf.sources:
+            for name in row:
+                gguf.release(gguf.tensors[name])
+        _set(params, leaf.path, value)
         if progress is not None:
             for row in leaf.sources:
                 for name in row:

@@ -96,6 +96,29 @@ def _precision(dtype):
     return jax.lax.Precision.HIGHEST if jnp.dtype(dtype) == jnp.float32 else None
 
 
+def dequantize_when_needed(w: QTensor, x: Array, dtype, kernel: bool = False) -> Array:
+    """`w.dequantize(dtype)`, computed only once `x` (the product's input) exists.
+
+    XLA:CPU schedules a dequantization as early as its operand allows: all of a program's weights were
+    dequantized up front and live at once (26 GB for a 7B prefill; an optimization barrier does not
+    stop it). A conditional on `x` (on a NaN test XLA cannot fold) runs its branch only after `x` is
+    computed, so each layer's full-precision weight lives from just before its product to just after.
+    kernel: unpack with the native `cpu_kernels.dequantize` (memory speed) rather than XLA's ops.
+    Elsewhere (GPU / TPU) XLA may fuse the dequantization into the product: no conditional there.
+    """
+    if jax.default_backend() != "cpu":
+        return w.dequantize(dtype)
+    native = kernel and w.blocks.ndim == 3 and cpu_kernels.dequantize_applies(w.qtype, w.matrix[1])
+
+    def deq(b):
+        if native:
+            return cpu_kernels.dequantize(b, w.qtype, w.matrix[1]).astype(dtype)
+        return QTensor(b, w.qtype, w.matrix).dequantize(dtype)
+
+    probe = jnp.isnan(x.reshape(-1)[0].astype(jnp.float32))
+    return jax.lax.cond(probe, deq, deq, w.blocks)
+
+
 def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype=None) -> Array:
     """x [..., in] @ w.T for w `[out, in]` (GGUF's layout), computed in `dtype` (result in out_dtype,
     default dtype). w is a plain array or a `QTensor` (GGUF blocks, dequantized here: inside the compiled
@@ -105,7 +128,7 @@ def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype
     if isinstance(w, QTensor):
         if kernel and cpu_kernels.qgemv_applies(x.shape, x.dtype, w.qtype, w.matrix[1]):
             return cpu_kernels.qgemv(x, w.blocks, w.qtype).astype(out_dtype or dtype)
-        w = w.dequantize(dtype)
+        w = dequantize_when_needed(w, x, dtype, kernel)
     if kernel and cpu_kernels.gemv_applies(x.shape, x.dtype, w.dtype):
         return cpu_kernels.gemv(x, w).astype(out_dtype or dtype)
     return jnp.einsum("...i,oi->...o", x, w, precision=_precision(dtype), preferred_element_type=out_dtype)

@@ -116,3 +116,30 @@ def test_qtensor_take_rows_and_slices():
     ids = jnp.array([[3, 0], [9, 3]])
     np.testing.assert_array_equal(np.asarray(w.take_rows(ids)), full[np.asarray(ids)])
     np.testing.assert_array_equal(np.asarray(w.row_slice(2, 5).dequantize()), full[2:7])
+
+
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_native_dequantize_is_bit_exact(qtype):
+    """`cpu_kernels.dequantize` (the prefill path's unpacking) gives exactly `quants.dequantize`'s values."""
+    k = 512 if cpu_kernels.QGEMV_UNITS[qtype] == 256 else 96
+    blocks = random_blocks(qtype, 29, k, int(qtype))
+    ours = np.asarray(jax.jit(lambda b: cpu_kernels.dequantize(b, qtype, k))(blocks))
+    ref = np.asarray(quants.dequantize_blocks(jnp.asarray(blocks), qtype)).reshape(29, k)
+    np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
+
+
+def test_prefill_dequantizes_one_weight_at_a_time():
+    """A program with several quantized products holds about one dequantized weight at a time (the
+    conditional in `text.dequantize_when_needed`), not all of them (XLA hoisted them all before)."""
+    n, k, layers = 256, 1024, 8
+    ws = [QTensor(jnp.asarray(random_blocks(Q.Q4_K, n, k, i)), Q.Q4_K, (n, k)) for i in range(layers)]
+    x = jnp.ones((64, k), jnp.float32)
+
+    def chain(x, ws):
+        for w in ws:
+            x = text.project(x, w, jnp.float32, kernel=True) @ jnp.eye(n, k)
+        return x
+
+    temp = jax.jit(chain).lower(x, ws).compile().memory_analysis().temp_size_in_bytes
+    one_weight = n * k * 4
+    assert temp < 3 * one_weight, (temp, one_weight)

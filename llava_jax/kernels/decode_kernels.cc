@@ -862,13 +862,31 @@ void QRows(const QGemvJob& job, int64_t r0, int64_t r1) {
   }
 }
 
-// (rows function, block size, block bytes) of a type id; rows == nullptr when the type has no kernel.
+// Rows [r0, r1) of w dequantized into y f32 [N, K] (the prefill path: XLA's dot then reads y).
+template <int T>
+void DequantRows(const QGemvJob& job, int64_t r0, int64_t r1) {
+  using F = Fmt<T>;
+  const int64_t nb = job.k / F::BS;
+  for (int64_t r = r0; r < r1; ++r) {
+    const uint8_t* row = job.w + r * job.row_bytes;
+    float* out = job.y + r * job.k;
+    for (int64_t blk = 0; blk < nb; ++blk) {
+      float* ob = out + blk * F::BS;
+      auto sink = [ob](int e, F16v w) { std::memcpy(ob + e, &w, sizeof w); };
+      F::Block(row + blk * F::TS, sink);
+    }
+  }
+}
+
+// (product rows, dequantize rows, block size, block bytes) of a type id; rows == nullptr when the type
+// has no kernel.
 struct QEntry {
   void (*rows)(const QGemvJob&, int64_t, int64_t);
+  void (*dequant)(const QGemvJob&, int64_t, int64_t);
   int bs, ts;
 };
 template <int T>
-constexpr QEntry Entry() { return {&QRows<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+constexpr QEntry Entry() { return {&QRows<T>, &DequantRows<T>, Fmt<T>::BS, Fmt<T>::TS}; }
 
 QEntry Lookup(int32_t qtype) {
   switch (qtype) {
@@ -884,7 +902,7 @@ QEntry Lookup(int32_t qtype) {
     case kQ5_K: return Entry<kQ5_K>();
     case kQ6_K: return Entry<kQ6_K>();
     case kBF16: return Entry<kBF16>();
-    default: return {nullptr, 0, 0};
+    default: return {nullptr, nullptr, 0, 0};
   }
 }
 
@@ -899,6 +917,27 @@ ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   auto job = std::make_shared<QGemvJob>();
   job->x = x.typed_data(), job->w = w.typed_data(), job->y = y->typed_data();
   job->m = xd[0], job->n = wd[0], job->k = xd[1], job->row_bytes = wd[1], job->rows = entry.rows;
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
+  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
+    job->rows(*job, job->n * piece / job->pieces, job->n * (piece + 1) / job->pieces);
+  });
+  return ffi::Error::Success();
+}
+
+
+// `LlavaDequantize`: w u8 [N, row_bytes] (GGUF rows of ggml blocks), attribute qtype -> y f32 [N, K]
+// with the values `llava_jax.quants` gives (bit-exact), written at memory speed on all threads.
+ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
+  auto wd = w.dimensions(), yd = y->dimensions();
+  const QEntry entry = Lookup(qtype);
+  if (entry.rows == nullptr) return ffi::Error::InvalidArgument("dequantize: no kernel for this quant type");
+  if (wd.size() != 2 || yd.size() != 2 || yd[0] != wd[0] || yd[1] % entry.bs != 0 ||
+      wd[1] != yd[1] / entry.bs * entry.ts)
+    return ffi::Error::InvalidArgument("dequantize: expected w [N, K / block * block_bytes], y [N, K]");
+  auto job = std::make_shared<QGemvJob>();
+  job->w = w.typed_data(), job->y = y->typed_data();
+  job->m = 0, job->n = wd[0], job->k = yd[1], job->row_bytes = wd[1], job->rows = entry.dequant;
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
   ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
@@ -930,6 +969,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaQGemv, QGemv,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::U8>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int32_t>("qtype"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaDequantize, Dequantize,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("qtype"));
