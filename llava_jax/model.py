@@ -27,6 +27,7 @@ from llava_jax.errors import LlavaError
 from llava_jax.generate import IMAGE_PLACEHOLDER, Buckets, Request, TextEngine, Timings
 from llava_jax.gguf_io import open_gguf
 from llava_jax.params import load_text_params
+from llava_jax.qtensor import WEIGHT_MODES
 from llava_jax.sampling import SamplingParams, initial_key
 from llava_jax.sharding import make_mesh
 from llava_jax.tokenizer import StreamDecoder, Tokenizer
@@ -246,12 +247,15 @@ class Llava:
 
     # ---- weight cache -------------------------------------------------------------------------------
     def save_orbax(self, directory: str | os.PathLike) -> None:
-        """Write the dequantized, dtype-cast params (+ metadata) as an Orbax checkpoint; `load(directory)` restores it."""
+        """Write the params as loaded (plain arrays in the compute dtype; quantized matrices as their blocks)
+        plus metadata as an Orbax checkpoint; `load(directory)` restores them."""
         from llava_jax import checkpoint
 
-        params = {"text": self.engine.canonical_params()}
+        text, quantized = checkpoint.split_qtensors(self.engine.canonical_params())
+        params = {"text": text}
         meta = {"text_metadata": self.metadata, "text_tensors": sorted(self.tensor_names),
-                "dtype": jnp.dtype(self.engine.dtype).name, "scan_layers": self.engine.model.scan_layers}
+                "dtype": jnp.dtype(self.engine.dtype).name, "scan_layers": self.engine.model.scan_layers,
+                "quantized": quantized}
         enc = self.image_encoder
         if enc is not None:
             params["vision"] = {"params": enc.params} | ({"newline": enc.newline} if enc.newline is not None else {})
@@ -353,9 +357,17 @@ def _check_fits(request: Request, n_ctx: int, n_train: int) -> None:
     raise LlavaError(f"prompt is {n} tokens ({n - n_img} text + {n_img} image), context is {n_ctx}: {hint}")
 
 
+def default_weights(platform: str | None = None) -> str:
+    """"quantized" where a product reads blocks without an f32 copy of the model (XLA:CPU: the native
+    kernels, and dequantize-in-program for prefill), "dequantized" elsewhere (GPU/TPU: unmeasured here)."""
+    platform = platform or jax.default_backend()
+    return "quantized" if platform == "cpu" else "dequantized"
+
+
 def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | None = None, dtype=None, mesh=None,
          n_ctx: int | None = None, scan_layers: bool | None = None, clip_compat: str = "llava",
-         buckets: Buckets | None = None, decode_chunk: int = 16) -> Llava:
+         buckets: Buckets | None = None, decode_chunk: int = 16, weights: str | None = None, kv_dtype=None,
+         notice=None) -> Llava:
     """Load a GGUF language model (default: the embedded SmolLM2) and optionally an mmproj file.
 
     model: a GGUF file, or a directory written by `Llava.save_orbax` (restored straight into the mesh's
@@ -369,6 +381,13 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     buckets: the compiled prompt / cache length buckets (`generate.Buckets`; default 32..256 by powers
         of two, then multiples of 256).
     decode_chunk: decode steps per jitted `lax.scan` call (one host sync each: text streams this often).
+    weights: "quantized" (default on CPU) keeps each matrix in the file's block format in memory, read by
+        the products directly (`qtensor.QTensor`); "dequantized" (default elsewhere) stores `dtype` arrays.
+    kv_dtype: the KV cache's dtype (default: the compute dtype; "f16" halves it, llama.cpp's -ctk/-ctv f16).
+    notice: called with one-line notes (a tensor kept dequantized, a context above the trained one).
+
+    Before any tensor is read, the memory the load needs (weights + KV cache at n_ctx + working set) is
+    compared with what the device has (`memory.check_fits`): too little is one LlavaError line.
     """
     from llava_jax import checkpoint
     from llava_jax.defaults import smollm2_path
@@ -378,6 +397,7 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     path = os.fspath(model) if model is not None else os.fspath(smollm2_path())
     if checkpoint.is_checkpoint(path):
         params, meta = checkpoint.restore(path, mesh)
+        params["text"] = checkpoint.join_qtensors(params["text"], meta.get("quantized", {}))
         metadata, tensor_names = meta["text_metadata"], set(meta["text_tensors"])
         compute = jnp.dtype(meta["dtype"])
         if dtype is not None and resolve_dtype(dtype) != compute:
@@ -391,6 +411,10 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
         gguf = open_gguf(path)
         metadata, tensor_names = gguf.metadata, set(gguf.tensors)
         compute = resolve_dtype(dtype)
+    weights = weights or default_weights(mesh.devices.flat[0].platform)
+    if weights not in WEIGHT_MODES:
+        raise LlavaError(f"unknown weights mode {weights!r} (choose from {', '.join(WEIGHT_MODES)})")
+    kv = resolve_dtype(kv_dtype) if kv_dtype is not None else compute
     name = os.path.basename(path.rstrip("/"))
     cfg = TextConfig.from_metadata(metadata, tensor_names, name)
     tokenizer = Tokenizer.from_metadata(metadata)
@@ -404,6 +428,8 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
         raise LlavaError(f"context length must be positive, got {n_ctx}")
     if scan_layers is None:
         scan_layers = jax.default_backend() != "cpu"
+    if not checkpoint.is_checkpoint(path):
+        _check_memory(gguf, cfg, n_ctx, compute, weights, kv, mmproj, mesh)
 
     image_encoder = None
     if checkpoint.is_checkpoint(path):
@@ -416,13 +442,30 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
         from llava_jax.vision import ImageEncoder
 
         image_encoder = ImageEncoder.from_gguf(mmproj, mesh=mesh, dtype=compute, compat=clip_compat, text_dim=cfg.dim)
-    if text_params is None:
-        text_params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers)
-    jax.block_until_ready(text_params)
     if decode_chunk < 1:
         raise LlavaError(f"decode chunk must be >= 1, got {decode_chunk}")
-    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers, chunk=decode_chunk, buckets=buckets or Buckets())
+    if text_params is None:
+        text_params = load_text_params(gguf, cfg, mesh, compute, scan_layers=scan_layers, weights=weights,
+                                       fuse=mesh.shape["model"] == 1, notice=notice)
+    jax.block_until_ready(text_params)
+    engine = TextEngine(cfg, text_params, mesh, compute, scan_layers, chunk=decode_chunk, buckets=buckets or Buckets(),
+                        kv_dtype=kv)
     return Llava(path, metadata, tensor_names, tokenizer, engine, n_ctx, image_encoder, time.perf_counter() - t0)
+
+
+def _check_memory(gguf, cfg: TextConfig, n_ctx: int, dtype, weights: str, kv_dtype, mmproj, mesh) -> None:
+    """One LlavaError line, before any tensor is read, when the load cannot fit the device."""
+    from llava_jax import memory
+
+    mm = open_gguf(mmproj) if mmproj is not None else None
+    platform = mesh.devices.flat[0].platform
+    est = memory.estimate(gguf, cfg, n_ctx, dtype, weights, kv_dtype, mm)
+    per_device = mesh.size if platform != "cpu" else 1  # CPU "devices" share one host's RAM
+    if per_device > 1:
+        est = memory.MemoryEstimate(est.weights // per_device, est.vision, est.kv_cache // per_device, est.working,
+                                    est.kv_per_token // per_device, est.n_ctx)
+    quantized = memory.estimate(gguf, cfg, n_ctx, dtype, "quantized", kv_dtype, mm) if weights != "quantized" else None
+    memory.check_fits(est, platform, weights, quantized)
 
 
 def _encoder_from_checkpoint(params: dict, meta: dict, mesh, dtype):

@@ -243,21 +243,42 @@ def fuse_projections(params: dict, mesh, rules: ShardingRules = ShardingRules())
     Decode reads every weight once per token; on XLA:CPU each dot also has a fixed cost, so 4 dots
     instead of 7 per layer is ~10% faster decoding for SmolLM2 (BENCHMARKS.md). Only for meshes whose
     `model` axis has one device: sharded over `model`, a fused row block would cut across q/k/v.
-    Works on unrolled (`blk_N`) and stacked (`blk`, leading layer axis) params; returns a new tree.
+    Works on unrolled (`blk_N`) and stacked (`blk`, leading layer axis) params, plain arrays or QTensor
+    blocks (rows of one block format concatenate); a group is fused in every layer or in none (a layer
+    whose parts are blocks of different formats keeps the group apart everywhere). Returns a new tree.
+    `load_text_params(fuse=True)` builds the same layout at load; this fuses params made otherwise
+    (an Orbax cache holds GGUF's names).
     """
     if mesh.shape["model"] != 1:
         raise ValueError("fused projections need a mesh whose model axis has one device")
+    keys = _layer_subtrees(params)
     out = dict(params)
-    for key in _layer_subtrees(params):
-        layer = dict(params[key])
-        for fused, parts in FUSED_PROJECTIONS.items():
-            if fused in layer or any(isinstance(layer[p]["weight"], QTensor) for p in parts):
-                continue  # already fused, or blocks (`load_text_params(fuse=True)` fuses those at load)
+
+    def kind(leaf):
+        return ("q", leaf.qtype) if isinstance(leaf, QTensor) else ("a", str(leaf.dtype))
+
+    for fused, parts in FUSED_PROJECTIONS.items():
+        layers = [params[k] for k in keys]
+        if not layers or any(fused in lyr or any(p not in lyr for p in parts) for lyr in layers):
+            continue
+        if any(len({kind(lyr[p]["weight"]) for p in parts}) > 1 for lyr in layers):
+            continue
+        for key in keys:
+            layer = dict(out[key])
             leaves = [layer.pop(p)["weight"] for p in parts]
-            shape = (*leaves[0].shape[:-2], sum(x.shape[-2] for x in leaves), leaves[0].shape[-1])
-            axes = (None,) * (len(shape) - 2) + text_param_axes(f"{fused}.weight")
-            layer[fused] = {"weight": _concat_rows(sharding_for(shape, axes, mesh, rules))(*leaves)}
-        out[key] = layer
+            axes = text_param_axes(f"{fused}.weight")
+            if isinstance(leaves[0], QTensor):
+                n = sum(x.matrix[0] for x in leaves)
+                spec = spec_for((*leaves[0].shape[:-2], n, leaves[0].matrix[1]),
+                                (None,) * (leaves[0].ndim - 2) + axes, mesh, rules)
+                sharding = NamedSharding(mesh, _block_spec(tuple(spec), leaves[0].blocks.shape[-2], mesh))
+                blocks = _concat_rows(sharding, axis=-3)(*[x.blocks for x in leaves])
+                layer[fused] = {"weight": QTensor(blocks, leaves[0].qtype, (n, leaves[0].matrix[1]))}
+            else:
+                shape = (*leaves[0].shape[:-2], sum(x.shape[-2] for x in leaves), leaves[0].shape[-1])
+                lead = (None,) * (len(shape) - 2)
+                layer[fused] = {"weight": _concat_rows(sharding_for(shape, lead + axes, mesh, rules))(*leaves)}
+            out[key] = layer
     return out
 
 
@@ -300,8 +321,8 @@ def _stack(out_sharding: NamedSharding):
 
 
 @cache
-def _concat_rows(out_sharding: NamedSharding):
-    return jax.jit(lambda *xs: jnp.concatenate(xs, axis=-2), out_shardings=out_sharding)
+def _concat_rows(out_sharding: NamedSharding, axis: int = -2):
+    return jax.jit(lambda *xs: jnp.concatenate(xs, axis=axis), out_shardings=out_sharding)
 
 
 @cache

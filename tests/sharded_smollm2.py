@@ -18,6 +18,15 @@ import time
 
 
 def describe(arr) -> dict:
+    """Partition spec and per-device shard shapes of a weight, in its logical [N, K] terms (a QTensor's
+    blocks [N, n_blocks, type_size] are reported as the rows and values they hold)."""
+    from llava_jax.qtensor import QTensor
+
+    if isinstance(arr, QTensor):
+        spec = list(arr.blocks.sharding.spec) + [None] * 3
+        shapes = {(s.data.shape[0], s.data.shape[1] * arr.block_size) for s in arr.blocks.addressable_shards}
+        return {"spec": [list(a) if isinstance(a, tuple) else a for a in spec[:2]], "quantized": True,
+                "n_devices": len(arr.blocks.sharding.device_set), "shard_shapes": sorted(shapes)}
     return {"spec": [list(a) if isinstance(a, tuple) else a for a in arr.sharding.spec],
             "n_devices": len(arr.sharding.device_set),
             "shard_shapes": sorted({tuple(s.data.shape) for s in arr.addressable_shards})}

@@ -203,7 +203,10 @@ def test_logits_with_image_rows(llm, smollm2_reference):
     from llava_jax.generate import IMAGE_PLACEHOLDER
 
     ids = list(smollm2_reference[1]["ids"])
-    table = np.asarray(llm.engine.params["token_embd"]["weight"])
+    from llava_jax.qtensor import QTensor
+
+    w = llm.engine.params["token_embd"]["weight"]
+    table = np.asarray(w.dequantize() if isinstance(w, QTensor) else w)
     slots = [2, 3, 4, 9]
     with_slots = [IMAGE_PLACEHOLDER if i in slots else t for i, t in enumerate(ids)]
     rows = [table[[ids[i] for i in slots[:3]]], table[[ids[slots[3]]]]]  # two "images": 3 rows and 1 row

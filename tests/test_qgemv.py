@@ -24,7 +24,7 @@ from llava_jax.qtensor import Q, QTensor
 pytestmark = pytest.mark.skipif(not cpu_kernels.kernels_available(), reason="native kernels unavailable")
 
 # Byte offsets of each format's f16 scale fields (set to small finite values; the rest stays random).
-SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.Q2_K: (80, 82),
+SCALES = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_0: (0,), Q.IQ4_NL: (0,), Q.Q2_K: (80, 82),
           Q.Q3_K: (108,), Q.Q4_K: (0, 2), Q.Q5_K: (0, 2), Q.Q6_K: (208,)}
 TYPES = sorted(cpu_kernels.QGEMV_UNITS, key=int)
 

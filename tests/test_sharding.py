@@ -91,7 +91,10 @@ def test_weights_are_sharded(mesh, model, sharded):
     assert p["blk_0.attn_q"]["spec"] == ["model", None]
     assert p["blk_0.attn_q"]["shard_shapes"] == [[576 // model, 576]]
     assert p["blk_0.attn_k"]["spec"] == ["model", None]  # 192 rows = 3 KV heads x 64 divide by 4 and 8
-    assert p["blk_0.attn_output"]["spec"] == [None, "model"]
+    # The default (quantized) storage shards a matrix's blocks: by rows, and over K only where the blocks
+    # per row divide (attn_output's 576 values are 18 Q4_1 blocks: not by 4 or 8, so replicated)
+    assert p["blk_0.attn_q"].get("quantized") and p["blk_0.ffn_down"].get("quantized")
+    assert p["blk_0.attn_output"]["spec"] == [None, None]
     assert p["blk_0.ffn_down"]["spec"] == [None, "model"]
     assert p["blk_0.ffn_down"]["shard_shapes"] == [[576, 1536 // model]]
     assert p["token_embd"]["spec"] == ["model", None]
