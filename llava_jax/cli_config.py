@@ -120,6 +120,30 @@ def add_compile_cache_flag(parser: argparse.ArgumentParser) -> None:
                              "~/.cache/llava_jax/jax_cache or $LLAVA_JAX_COMPILE_CACHE)")
 
 
+KV_TYPES = ("f32", "f16", "bf16")
+
+
+def add_memory_flags(parser: argparse.ArgumentParser) -> None:
+    """--weights (config key weights) and llama.cpp's -ctk / -ctv (cache_type_k / cache_type_v)."""
+    parser.add_argument("--weights", choices=["quantized", "dequantized"], default=None,
+                        help="keep matrices in the file's block format in memory, read by the products directly "
+                             "(quantized; default on CPU), or dequantize them at load to --dtype (default on GPU/TPU)")
+    parser.add_argument("-ctk", "--cache-type-k", choices=KV_TYPES, default=None,
+                        help="KV cache dtype for K (default: the compute dtype; f16 halves the cache)")
+    parser.add_argument("-ctv", "--cache-type-v", choices=KV_TYPES, default=None,
+                        help="KV cache dtype for V (llava_jax keeps K and V in one dtype: give the same as -ctk)")
+
+
+def memory_kwargs(args: argparse.Namespace) -> dict:
+    """`load()` keyword arguments of the memory flags (weights=, kv_dtype=); a K/V type mismatch is a LlavaError."""
+    from llava_jax.errors import LlavaError
+
+    k, v = getattr(args, "cache_type_k", None), getattr(args, "cache_type_v", None)
+    if k and v and k != v:
+        raise LlavaError(f"-ctk {k} and -ctv {v} differ: llava_jax keeps K and V in one dtype")
+    return {"weights": getattr(args, "weights", None), "kv_dtype": k or v}
+
+
 def add_bucket_flags(parser: argparse.ArgumentParser) -> None:
     """--bucket-min / --bucket-step (config keys bucket_min / bucket_step), defaults those of `generate.Buckets`
     (copied in `defaults`, so that building the parser imports no jax)."""

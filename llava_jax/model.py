@@ -174,7 +174,7 @@ class Llava:
     def stream(self, prompt: str, images: Sequence = (), *, max_new_tokens: int = 128, temperature: float = 0.8,
                top_k: int = 40, top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
                repeat_last_n: int = 64, seed: int | None = None, stop: Sequence[str] = (),
-               template: str | None = None, system: str | None = None) -> GenerationStream:
+               template: str | None = None, system: str | None = None, ignore_eos: bool = False) -> GenerationStream:
         """Start a generation and return its handle: iterate it for the text as it is generated (one host
         sync per decode chunk); `handle.result` is the GenerationResult (partial after a `break`).
 
@@ -189,7 +189,8 @@ class Llava:
             max_new_tokens = self.n_ctx
         request = self.build_request(prompt, images, template, max_new_tokens, timings, system)
         _check_fits(request, self.n_ctx, self.cfg.context_length)
-        steps = self.engine.generate([request], sampling, initial_key(sampling), self.n_ctx, self.tokenizer.stop_ids)
+        stop_ids = frozenset() if ignore_eos else self.tokenizer.stop_ids
+        steps = self.engine.generate([request], sampling, initial_key(sampling), self.n_ctx, stop_ids)
         return GenerationStream(self, request, _RowText(self.tokenizer, stop), steps, timings.image_s)
 
     def generate(self, prompt: str, images: Sequence = (), **kwargs) -> GenerationResult:
@@ -203,6 +204,7 @@ class Llava:
                        max_new_tokens: int | Sequence[int] = 128, temperature: float = 0.8, top_k: int = 40,
                        top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0, repeat_last_n: int = 64,
                        seed: int | None = None, stop: Sequence[str] = (), template: str | None = None,
+                       ignore_eos: bool = False,
                        system: str | None = None) -> list[GenerationResult]:
         """Several prompts (each with 0, 1 or more images) in one ragged batch.
 
@@ -228,7 +230,7 @@ class Llava:
         rows = [_RowText(self.tokenizer, stop) for _ in prompts]
         image_s = timings.image_s
         for step in self.engine.generate(requests, sampling, initial_key(sampling), self.n_ctx,
-                                         self.tokenizer.stop_ids):
+                                         frozenset() if ignore_eos else self.tokenizer.stop_ids):
             timings = step.timings
             for i, row in enumerate(rows):
                 row.add(step.tokens[i], step.finished[i])

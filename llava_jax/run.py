@@ -16,7 +16,13 @@ import json
 import sys
 
 from llava_jax import prompts
-from llava_jax.cli_config import add_bucket_flags, add_compile_cache_flag, buckets_from_args
+from llava_jax.cli_config import (
+    add_bucket_flags,
+    add_compile_cache_flag,
+    add_memory_flags,
+    buckets_from_args,
+    memory_kwargs,
+)
 from llava_jax.errors import LlavaError, run_cli
 
 EPILOG = """\
@@ -84,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
                    help="scan over stacked layers (auto: off on CPU, on elsewhere)")
     add_bucket_flags(p)
+    add_memory_flags(p)
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens (benchmarks)")
     add_compile_cache_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of streaming")
     return p
@@ -164,7 +172,7 @@ def sampling_kwargs(args) -> dict:
     return dict(max_new_tokens=args.n_predict, temperature=args.temp, top_k=args.top_k, top_p=args.top_p,
                 min_p=args.min_p, repeat_penalty=args.repeat_penalty, repeat_last_n=args.repeat_last_n,
                 seed=None if args.seed < 0 else args.seed, stop=args.stop, template=args.chat_template,
-                system=args.system_prompt)
+                system=args.system_prompt, ignore_eos=getattr(args, "ignore_eos", False))
 
 
 def describe_images(llm, images: list, paths: list[str], random_mmproj: bool) -> None:
@@ -198,7 +206,8 @@ def _run(args) -> int:
     scan = {"auto": None, "on": True, "off": False}[args.scan_layers]
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=parse_mesh(args.mesh),
                          n_ctx=args.ctx_size, scan_layers=scan, clip_compat=args.clip_compat,
-                         buckets=buckets_from_args(args))
+                         buckets=buckets_from_args(args), notice=lambda m: _log(f"llava_jax: note: {m}"),
+                         **memory_kwargs(args))
     if llm.n_ctx > llm.cfg.context_length:  # llama.cpp's warning, in its words
         _log(f"warning: model was trained on only {llm.cfg.context_length} context tokens ({llm.n_ctx} specified)")
     images = []

@@ -24,7 +24,7 @@ from typing import NamedTuple
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from llava_jax.cli_config import add_bucket_flags
+    from llava_jax.cli_config import add_bucket_flags, add_memory_flags
 
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--config", action="append", default=[],
@@ -64,6 +64,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mesh", help="local device mesh DATAxMODEL (default 1x1)")
     p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto")
     add_bucket_flags(p)
+    add_memory_flags(p)
     p.add_argument("--save-orbax", help="write the loaded params as an Orbax weight cache to this directory and exit")
     p.add_argument("--num-processes", type=int, default=1)
     p.add_argument("--process-id", type=int, default=0)
@@ -232,7 +233,7 @@ def load_model(args, mmproj: str | None):
     import jax
 
     import llava_jax
-    from llava_jax.cli_config import buckets_from_args
+    from llava_jax.cli_config import buckets_from_args, memory_kwargs
     from llava_jax.sharding import make_mesh
 
     mesh = make_mesh(*parse_mesh_shape(args.mesh), devices=jax.local_devices())  # each process: its own devices
@@ -240,7 +241,8 @@ def load_model(args, mmproj: str | None):
     llm = llava_jax.load(args.model, mmproj=mmproj, dtype=args.dtype, mesh=mesh, n_ctx=args.ctx_size,
                          scan_layers=scan, clip_compat=args.clip_compat, buckets=buckets_from_args(args),
                          # decode chunks no longer than the answers (the first token comes from prefill)
-                         decode_chunk=max(1, min(16, args.max_new_tokens - 1)) if args.max_new_tokens > 0 else 16)
+                         decode_chunk=max(1, min(16, args.max_new_tokens - 1)) if args.max_new_tokens > 0 else 16,
+                         notice=lambda m: print(f"batch_eval: note: {m}", file=sys.stderr), **memory_kwargs(args))
     print(f"batch_eval: loaded in {llm.load_s:.2f} s", file=sys.stderr)
     return llm
 

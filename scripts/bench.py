@@ -230,7 +230,7 @@ def _line(r: dict) -> str:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("-m", "--model", help="GGUF model (default: the embedded SmolLM2-135M-Instruct Q4_1)")
-    ap.add_argument("--mode", choices=("text", "image", "batch"), default="text")
+    ap.add_argument("--mode", choices=("text", "image", "batch", "7b"), default="text")
     ap.add_argument("--llama-cpp", action="store_true", help="also measure llama.cpp (llama-cpp-python) and print ratios")
     ap.add_argument("--f32-rewrite", metavar="PATH",
                     help="write the F32 rewrite of the model to PATH (if absent) and benchmark it too")
@@ -276,7 +276,7 @@ def _mode_modules() -> dict:
     import importlib
 
     modules = {}
-    for name in ("bench_image", "bench_batch"):
+    for name in ("bench_image", "bench_batch", "bench_7b"):
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as e:

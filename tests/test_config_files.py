@@ -80,7 +80,7 @@ def test_later_config_and_flags_override():
             args.dtype) == ("1x1", 3, 0.7, "chatml", 5, 512, "f32")
     args = parse_run(["--config", model, "--temp", "0.5", "-c", "1024", "--chat-template", "raw"])
     assert (args.temp, args.ctx_size, args.chat_template, args.dtype) == (0.5, 1024, "raw", "bf16")
-    assert parse_run([]).temp == 0.8  # no config: the flag's own default
+    assert parse_run([]).temp == 0.2  # no config: the flag's own default
 
 
 def test_repeatable_flags_replace_the_config_list(tmp_path):

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from smollm2_model import shared_smollm2
 import tiny_llama
+from smollm2_model import shared_smollm2
 from tiny_llama import write_tiny_llama
 
 import llava_jax

@@ -571,7 +571,15 @@ inline uint16_t U16(const uint8_t* b) { return static_cast<uint16_t>(b[0] | (b[1
 inline uint32_t U32(const uint8_t* b) {
   return b[0] | (b[1] << 8) | (b[2] << 16) | (static_cast<uint32_t>(b[3]) << 24);
 }
-inline float F16At(const uint8_t* b) { return HalfToFloat(U16(b)); }
+// One f16 scale: a single instruction with F16C (the branchy conversion above costs as much as unpacking
+// a 32-value block).
+inline float F16At(const uint8_t* b) {
+#if defined(__F16C__)
+  return _cvtsh_ss(U16(b));
+#else
+  return HalfToFloat(U16(b));
+#endif
+}
 
 // Bits b0..b0+15 of a 32-bit word as sixteen 0 / 1 bytes (Q5_0 / Q5_1's high bits).
 inline B16 BitsOfWord(uint32_t w, int b0) {
@@ -739,20 +747,29 @@ inline void ScaleMinK4(const uint8_t* s, uint8_t* sc, uint8_t* mn) {
   }
 }
 
+// The eight (d * scale, dmin * min) pairs of a Q4_K / Q5_K block as floats, by one vector conversion:
+// out[j] = d * sc[j], out[8 + j] = dmin * mn[j] (exact products: 11 + 6 bits).
+inline void ScalesK4(const uint8_t* b, float* out) {
+  alignas(16) uint8_t smn[16];
+  ScaleMinK4(b + 4, smn, smn + 8);
+  const float d = F16At(b), dmin = F16At(b + 2);
+  const F16v mul = {d, d, d, d, d, d, d, d, dmin, dmin, dmin, dmin, dmin, dmin, dmin, dmin};
+  const F16v v = UToF(LoadB16(smn)) * mul;
+  std::memcpy(out, &v, sizeof v);
+}
+
 template <> struct Fmt<kQ4_K> {
   static constexpr int BS = 256, TS = 144;
   template <class S> static void Block(const uint8_t* b, S& sink) {
-    const float d = F16At(b), dmin = F16At(b + 2);
-    uint8_t sc[8], mn[8];
-    ScaleMinK4(b + 4, sc, mn);
+    alignas(64) float dm[16];
+    ScalesK4(b, dm);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
-      const float d0 = d * sc[2 * c], m0 = dmin * mn[2 * c], d1 = d * sc[2 * c + 1], m1 = dmin * mn[2 * c + 1];
 #pragma GCC unroll 2
       for (int l = 0; l < 32; l += 16) {
         const B16 v = LoadB16(b + 16 + 32 * c + l);
-        sink(64 * c + l, UToF(And(v, 0x0F)) * d0 - m0);
-        sink(64 * c + 32 + l, UToF(Shr(v, 4)) * d1 - m1);
+        sink(64 * c + l, UToF(And(v, 0x0F)) * dm[2 * c] - dm[8 + 2 * c]);
+        sink(64 * c + 32 + l, UToF(Shr(v, 4)) * dm[2 * c + 1] - dm[9 + 2 * c]);
       }
     }
   }
@@ -761,18 +778,16 @@ template <> struct Fmt<kQ4_K> {
 template <> struct Fmt<kQ5_K> {
   static constexpr int BS = 256, TS = 176;
   template <class S> static void Block(const uint8_t* b, S& sink) {
-    const float d = F16At(b), dmin = F16At(b + 2);
-    uint8_t sc[8], mn[8];
-    ScaleMinK4(b + 4, sc, mn);
+    alignas(64) float dm[16];
+    ScalesK4(b, dm);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
       const int j0 = 2 * c, j1 = 2 * c + 1;
-      const float d0 = d * sc[j0], m0 = dmin * mn[j0], d1 = d * sc[j1], m1 = dmin * mn[j1];
 #pragma GCC unroll 2
       for (int l = 0; l < 32; l += 16) {
         const B16 v = LoadB16(b + 48 + 32 * c + l), h = LoadB16(b + 16 + l);
-        sink(64 * c + l, UToF(Or(And(v, 0x0F), Shl(BitOf(h, j0), 4))) * d0 - m0);
-        sink(64 * c + 32 + l, UToF(Or(Shr(v, 4), Shl(BitOf(h, j1), 4))) * d1 - m1);
+        sink(64 * c + l, UToF(Or(And(v, 0x0F), Shl(BitOf(h, j0), 4))) * dm[j0] - dm[8 + j0]);
+        sink(64 * c + 32 + l, UToF(Or(Shr(v, 4), Shl(BitOf(h, j1), 4))) * dm[j1] - dm[8 + j1]);
       }
     }
   }
@@ -781,14 +796,15 @@ template <> struct Fmt<kQ5_K> {
 template <> struct Fmt<kQ6_K> {
   static constexpr int BS = 256, TS = 210;
   template <class S> static void Block(const uint8_t* b, S& sink) {
-    const int8_t* sc = reinterpret_cast<const int8_t*>(b + 192);
-    const float d = F16At(b + 208);
+    alignas(64) float scale[16];  // d * the sixteen int8 scales (exact: 11 + 7 bits)
+    const F16v sv = SToF(LoadB16(b + 192)) * F16At(b + 208);
+    std::memcpy(scale, &sv, sizeof sv);
     const B16 k32 = SplatB16(32);
 #pragma GCC unroll 2
     for (int half = 0; half < 2; ++half) {
       const uint8_t* ql = b + 64 * half;
       const uint8_t* qh = b + 128 + 32 * half;
-      const int8_t* s = sc + 8 * half;
+      const float* s = scale + 8 * half;
 #pragma GCC unroll 2
       for (int l = 0; l < 32; l += 16) {
         const int is = l / 16;
@@ -796,10 +812,10 @@ template <> struct Fmt<kQ6_K> {
         const B16 q1 = Or(And(a, 0x0F), Shl(And(h, 3), 4)), q2 = Or(And(c, 0x0F), Shl(And(Shr(h, 2), 3), 4));
         const B16 q3 = Or(Shr(a, 4), Shl(And(Shr(h, 4), 3), 4)), q4 = Or(Shr(c, 4), Shl(Shr(h, 6), 4));
         const int e = 128 * half + l;
-        sink(e, SToF(SubB16(q1, k32)) * (d * static_cast<float>(s[is])));
-        sink(e + 32, SToF(SubB16(q2, k32)) * (d * static_cast<float>(s[is + 2])));
-        sink(e + 64, SToF(SubB16(q3, k32)) * (d * static_cast<float>(s[is + 4])));
-        sink(e + 96, SToF(SubB16(q4, k32)) * (d * static_cast<float>(s[is + 6])));
+        sink(e, SToF(SubB16(q1, k32)) * s[is]);
+        sink(e + 32, SToF(SubB16(q2, k32)) * s[is + 2]);
+        sink(e + 64, SToF(SubB16(q3, k32)) * s[is + 4]);
+        sink(e + 96, SToF(SubB16(q4, k32)) * s[is + 6]);
       }
     }
   }
