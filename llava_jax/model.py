@@ -386,7 +386,7 @@ def load(model: str | os.PathLike | None = None, mmproj: str | os.PathLike | Non
     weights: "quantized" (default on CPU) keeps each matrix in the file's block format in memory, read by
         the products directly (`qtensor.QTensor`); "dequantized" (default elsewhere) stores `dtype` arrays.
     kv_dtype: the KV cache's dtype (default: the compute dtype; "f16" halves it, llama.cpp's -ctk/-ctv f16).
-    notice: called with one-line notes (a tensor kept dequantized, a context above the trained one).
+    notice: called with one-line notes (e.g. a matrix kept dequantized: its type has no quantized product).
 
     Before any tensor is read, the memory the load needs (weights + KV cache at n_ctx + working set) is
     compared with what the device has (`memory.check_fits`): too little is one LlavaError line.

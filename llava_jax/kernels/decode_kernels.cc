@@ -758,40 +758,34 @@ inline void ScalesK4(const uint8_t* b, float* out) {
   std::memcpy(out, &v, sizeof v);
 }
 
-template <> struct Fmt<kQ4_K> {
-  static constexpr int BS = 256, TS = 144;
+// Q4_K and Q5_K: the same scales / mins and nibbles; Q5_K adds 32 bytes of fifth bits (bit j of byte l
+// for element 32 j + l) before the nibbles.
+template <bool kFive>
+struct KQuant45 {
+  static constexpr int BS = 256, TS = kFive ? 176 : 144;
   template <class S> static void Block(const uint8_t* b, S& sink) {
     alignas(64) float dm[16];
     ScalesK4(b, dm);
+    const uint8_t* qs = b + (kFive ? 48 : 16);
 #pragma GCC unroll 4
     for (int c = 0; c < 4; ++c) {
 #pragma GCC unroll 2
       for (int l = 0; l < 32; l += 16) {
-        const B16 v = LoadB16(b + 16 + 32 * c + l);
-        sink(64 * c + l, UToF(And(v, 0x0F)) * dm[2 * c] - dm[8 + 2 * c]);
-        sink(64 * c + 32 + l, UToF(Shr(v, 4)) * dm[2 * c + 1] - dm[9 + 2 * c]);
+        const B16 v = LoadB16(qs + 32 * c + l);
+        B16 lo = And(v, 0x0F), hi = Shr(v, 4);
+        if constexpr (kFive) {
+          const B16 h = LoadB16(b + 16 + l);
+          lo = Or(lo, Shl(BitOf(h, 2 * c), 4));
+          hi = Or(hi, Shl(BitOf(h, 2 * c + 1), 4));
+        }
+        sink(64 * c + l, UToF(lo) * dm[2 * c] - dm[8 + 2 * c]);
+        sink(64 * c + 32 + l, UToF(hi) * dm[2 * c + 1] - dm[9 + 2 * c]);
       }
     }
   }
 };
-
-template <> struct Fmt<kQ5_K> {
-  static constexpr int BS = 256, TS = 176;
-  template <class S> static void Block(const uint8_t* b, S& sink) {
-    alignas(64) float dm[16];
-    ScalesK4(b, dm);
-#pragma GCC unroll 4
-    for (int c = 0; c < 4; ++c) {
-      const int j0 = 2 * c, j1 = 2 * c + 1;
-#pragma GCC unroll 2
-      for (int l = 0; l < 32; l += 16) {
-        const B16 v = LoadB16(b + 48 + 32 * c + l), h = LoadB16(b + 16 + l);
-        sink(64 * c + l, UToF(Or(And(v, 0x0F), Shl(BitOf(h, j0), 4))) * dm[j0] - dm[8 + j0]);
-        sink(64 * c + 32 + l, UToF(Or(Shr(v, 4), Shl(BitOf(h, j1), 4))) * dm[j1] - dm[8 + j1]);
-      }
-    }
-  }
-};
+template <> struct Fmt<kQ4_K> : KQuant45<false> {};
+template <> struct Fmt<kQ5_K> : KQuant45<true> {};
 
 template <> struct Fmt<kQ6_K> {
   static constexpr int BS = 256, TS = 210;
@@ -922,6 +916,15 @@ QEntry Lookup(int32_t qtype) {
   }
 }
 
+// job->rows over all N rows, cut into pieces shared among the caller and XLA's intra-op threads.
+void RunRows(ffi::ThreadPool& pool, const std::shared_ptr<QGemvJob>& job) {
+  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
+  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
+  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
+    job->rows(*job, job->n * piece / job->pieces, job->n * (piece + 1) / job->pieces);
+  });
+}
+
 ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                  ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
@@ -933,11 +936,7 @@ ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   auto job = std::make_shared<QGemvJob>();
   job->x = x.typed_data(), job->w = w.typed_data(), job->y = y->typed_data();
   job->m = xd[0], job->n = wd[0], job->k = xd[1], job->row_bytes = wd[1], job->rows = entry.rows;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
-  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
-    job->rows(*job, job->n * piece / job->pieces, job->n * (piece + 1) / job->pieces);
-  });
+  RunRows(pool, job);
   return ffi::Error::Success();
 }
 
@@ -954,11 +953,7 @@ ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultB
   auto job = std::make_shared<QGemvJob>();
   job->w = w.typed_data(), job->y = y->typed_data();
   job->m = 0, job->n = wd[0], job->k = yd[1], job->row_bytes = wd[1], job->rows = entry.dequant;
-  const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  job->pieces = std::max<int64_t>(1, std::min(threads * kGemvPiecesPerThread, job->n / kGemvMinRows));
-  ShareAmongThreads(pool, job->pieces, [job](int64_t piece) {
-    job->rows(*job, job->n * piece / job->pieces, job->n * (piece + 1) / job->pieces);
-  });
+  RunRows(pool, job);
   return ffi::Error::Success();
 }
 
