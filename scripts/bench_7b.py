@@ -188,7 +188,8 @@ def run(args) -> dict:
     result: dict = {"model": model, "mmproj": mmproj, "ctx": args.ctx, "gen_tokens": args.gen_tokens,
                     "load_avg_before": load_average()}
     for engine in engines:
-        log(f"== {engine}: {Path(model).name}{' + ' + Path(mmproj).name if mmproj else ''}, -c {args.ctx}, load avg {load_average()}")
+        pair = Path(model).name + (f" + {Path(mmproj).name}" if mmproj else "")
+        log(f"== {engine}: {pair}, -c {args.ctx}, load avg {load_average()}")
         proc = subprocess.run([sys.executable, __file__, "--worker", engine, json.dumps(spec)], capture_output=True,
                               text=True, cwd=HERE, env=dict(os.environ, PYTHONPATH=str(HERE)))
         if proc.returncode != 0:
