@@ -134,7 +134,6 @@ def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype
     return jnp.einsum("...i,oi->...o", x, w, precision=_precision(dtype), preferred_element_type=out_dtype)
 
 
-
 def weight_param(module: nn.Module, shape: tuple[int, ...], dtype, init) -> Array | QTensor:
     """The module's "weight": as stored when present (a plain array or a `QTensor`, whose leaves Flax's
     shape check would reject), else initialized to `shape` (`init`)."""

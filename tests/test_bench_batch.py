@@ -7,16 +7,10 @@ import json
 import math
 
 import pytest
-from bench_script import load_bench
+from bench_script import assert_rate, load_bench
 from prerequisites import importorskip
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
-
-
-def assert_rate(rate: float, count: float, seconds: float) -> None:
-    """A reported rate is finite, positive and equals count / seconds (up to the JSON's rounding)."""
-    assert math.isfinite(rate) and seconds > 0 and rate > 0, (rate, count, seconds)
-    assert rate == pytest.approx(count / seconds, rel=0.02, abs=0.02), (rate, count, seconds)
 
 
 

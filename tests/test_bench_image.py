@@ -9,24 +9,10 @@ import math
 from pathlib import Path
 
 import pytest
-from bench_script import load_bench
+from bench_script import assert_rate, assert_summary, load_bench
 from prerequisites import importorskip
 
 pytestmark = [pytest.mark.slow, pytest.mark.llamacpp]
-
-
-def assert_rate(rate: float, count: float, seconds: float) -> None:
-    """A reported rate is finite, positive and equals count / seconds (up to the JSON's rounding)."""
-    assert math.isfinite(rate) and seconds > 0 and rate > 0, (rate, count, seconds)
-    assert rate == pytest.approx(count / seconds, rel=0.02, abs=0.02), (rate, count, seconds)
-
-
-def assert_summary(s: dict, tokens: int, runs: int) -> None:
-    """`bench_common.summarize` output: the asked-for token count, one time per run, rates from the times."""
-    assert s["tokens"] == tokens and len(s["runs_s"]) == runs
-    assert s["best_s"] == min(s["runs_s"]) and min(s["runs_s"]) <= s["median_s"] <= max(s["runs_s"])
-    assert_rate(s["tps"], tokens, s["best_s"])
-    assert_rate(s["median_tps"], tokens, s["median_s"])
 
 
 def test_bench_image_smoke(smollm2_path, tmp_path, monkeypatch, capsys):
