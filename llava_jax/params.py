@@ -45,14 +45,6 @@ def check_tensors(gguf: GGUFFile, expected: dict[str, tuple[int, ...]]) -> None:
         quants.check_supported(name, view.qtype)
 
 
-@cache
-def _dequantizer(qtype, shape: tuple[int, ...], dtype, out_sharding: NamedSharding):
-    def run(blocks):
-        return quants.dequantize_blocks(blocks, qtype).reshape(shape).astype(dtype)
-
-    return jax.jit(run, out_shardings=out_sharding)
-
-
 def place_tensor(view: TensorView, sharding: NamedSharding, dtype=jnp.float32) -> jax.Array:
     """Dequantize one GGUF tensor straight into `sharding` (logical shape `view.shape`) as `dtype`.
 
@@ -61,7 +53,7 @@ def place_tensor(view: TensorView, sharding: NamedSharding, dtype=jnp.float32) -
     """
     spec = tuple(sharding.spec) + (None,) * (len(view.shape) - len(sharding.spec))
     raw = _place_blocks(view, spec, sharding.mesh)
-    return _dequantizer(view.qtype, tuple(view.shape), jnp.dtype(dtype), sharding)(raw)
+    return _assembler((view.qtype,), True, jnp.dtype(dtype), 1, False, sharding)(raw)
 
 
 def _leaf_path(gguf_name: str) -> tuple[str, ...]:

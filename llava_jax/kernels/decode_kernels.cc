@@ -825,28 +825,34 @@ struct QGemvJob {
   void (*rows)(const QGemvJob&, int64_t, int64_t);
 };
 
+// Every block of row r unpacked in order: sink(blk, e, w) for elements blk * BS + e .. + 15 (e is the
+// constant in-block offset the formats' unrolled loops pass).
+template <int T, class S>
+inline void UnpackRow(const QGemvJob& job, int64_t r, S& sink) {
+  using F = Fmt<T>;
+  const uint8_t* row = job.w + r * job.row_bytes;
+  for (int64_t blk = 0; blk < job.k / F::BS; ++blk) {
+    auto at = [&](int e, F16v w) { sink(blk, e, w); };
+    F::Block(row + blk * F::TS, at);
+  }
+}
+
 // Rows [r0, r1) for one input row: four accumulators (picked by the constant element offset) hide the
 // multiply-add latency.
 template <int T>
 void QRowsOne(const QGemvJob& job, int64_t r0, int64_t r1) {
-  using F = Fmt<T>;
-  const int64_t nb = job.k / F::BS;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = job.w + r * job.row_bytes;
     F16v acc0{}, acc1{}, acc2{}, acc3{};
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      const float* xb = job.x + blk * F::BS;
-      auto sink = [&](int e, F16v w) {
-        const F16v p = w * Load16(xb + e);
-        switch ((e >> 4) & 3) {
-          case 0: acc0 += p; break;
-          case 1: acc1 += p; break;
-          case 2: acc2 += p; break;
-          default: acc3 += p; break;
-        }
-      };
-      F::Block(row + blk * F::TS, sink);
-    }
+    auto sink = [&](int64_t blk, int e, F16v w) {
+      const F16v p = w * Load16(job.x + blk * Fmt<T>::BS + e);
+      switch ((e >> 4) & 3) {
+        case 0: acc0 += p; break;
+        case 1: acc1 += p; break;
+        case 2: acc2 += p; break;
+        default: acc3 += p; break;
+      }
+    };
+    UnpackRow<T>(job, r, sink);
     job.y[r] = Sum16((acc0 + acc1) + (acc2 + acc3));
   }
 }
@@ -854,20 +860,16 @@ void QRowsOne(const QGemvJob& job, int64_t r0, int64_t r1) {
 // Rows [r0, r1) for m inputs: each block unpacked once, multiplied into all m rows' sums.
 template <int T>
 void QRows(const QGemvJob& job, int64_t r0, int64_t r1) {
-  using F = Fmt<T>;
   if (job.m == 1) return QRowsOne<T>(job, r0, r1);
-  const int64_t nb = job.k / F::BS, m = job.m, k = job.k;
+  const int64_t m = job.m, k = job.k;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = job.w + r * job.row_bytes;
     F16v acc[kQGemvMaxRows];
     for (int64_t i = 0; i < m; ++i) acc[i] = F16v{};
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      const float* xb = job.x + blk * F::BS;
-      auto sink = [&](int e, F16v w) {
-        for (int64_t i = 0; i < m; ++i) acc[i] += w * Load16(xb + i * k + e);
-      };
-      F::Block(row + blk * F::TS, sink);
-    }
+    auto sink = [&](int64_t blk, int e, F16v w) {
+      const float* xb = job.x + blk * Fmt<T>::BS + e;
+      for (int64_t i = 0; i < m; ++i) acc[i] += w * Load16(xb + i * k);
+    };
+    UnpackRow<T>(job, r, sink);
     for (int64_t i = 0; i < m; ++i) job.y[i * job.n + r] = Sum16(acc[i]);
   }
 }
@@ -875,16 +877,10 @@ void QRows(const QGemvJob& job, int64_t r0, int64_t r1) {
 // Rows [r0, r1) of w dequantized into y f32 [N, K] (the prefill path: XLA's dot then reads y).
 template <int T>
 void DequantRows(const QGemvJob& job, int64_t r0, int64_t r1) {
-  using F = Fmt<T>;
-  const int64_t nb = job.k / F::BS;
   for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = job.w + r * job.row_bytes;
     float* out = job.y + r * job.k;
-    for (int64_t blk = 0; blk < nb; ++blk) {
-      float* ob = out + blk * F::BS;
-      auto sink = [ob](int e, F16v w) { std::memcpy(ob + e, &w, sizeof w); };
-      F::Block(row + blk * F::TS, sink);
-    }
+    auto sink = [out](int64_t blk, int e, F16v w) { std::memcpy(out + blk * Fmt<T>::BS + e, &w, sizeof w); };
+    UnpackRow<T>(job, r, sink);
   }
 }
 
