@@ -45,10 +45,13 @@ import jaxlib
 import numpy as np
 from gguf import GGMLQuantizationType as Q
 
-SOURCE = Path(__file__).parent / "kernels" / "decode_kernels.cc"
+KERNELS = Path(__file__).parent / "kernels"
+SOURCES = (KERNELS / "decode_kernels.cc", KERNELS / "prefill_matmul.cc")  # compiled into one library
+HEADERS = (KERNELS / "common.h", KERNELS / "block_formats.h")
 TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv",
-           "llava_jax_qgemv": "LlavaQGemv", "llava_jax_dequantize": "LlavaDequantize"}  # name: symbol
-ATTENTION, GEMV, QGEMV, DEQUANTIZE = TARGETS
+           "llava_jax_qgemv": "LlavaQGemv", "llava_jax_dequantize": "LlavaDequantize",
+           "llava_jax_qmatmul": "LlavaQMatmul"}  # name: symbol
+ATTENTION, GEMV, QGEMV, DEQUANTIZE, QMATMUL = TARGETS
 GEMV_MAX_ROWS = 8  # more input rows than this: XLA's dot (a skinny matrix product, not a gemv)
 QGEMV_MAX_ROWS = 16  # the quantized product's limit (kQGemvMaxRows in the source)
 # Block formats the quantized product reads directly (ggml type → values per unit the kernel reads);
@@ -86,7 +89,7 @@ def _library_path(compiler: str) -> Path:
 
     version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout.splitlines()[:1]
     key = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), repr(version).encode(),
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), repr(version).encode(),
                  jaxlib.__version__.encode(), _cpu_signature().encode()):
         key.update(part)
         key.update(b"\0")
@@ -105,11 +108,11 @@ def build_library() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         partial = Path(tmp) / lib.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", str(partial)]
+        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
-            raise RuntimeError(f"compiling {SOURCE.name} failed: {last}")
+            raise RuntimeError(f"compiling {' '.join(f.name for f in SOURCES)} failed: {last}")
         partial.replace(lib)  # atomic: another process sees the whole library or none
     return lib
 
@@ -123,6 +126,7 @@ def kernels_available() -> bool:
         return False
     try:
         lib = ctypes.cdll.LoadLibrary(str(build_library()))
+        _status["amx"] = "in use" if lib.LlavaAmxAvailable() else "unavailable (no AMX on this CPU, or the OS refused it)"
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (RuntimeError, OSError, AttributeError) as e:
@@ -213,3 +217,41 @@ def dequantize(blocks: jax.Array, qtype, k: int) -> jax.Array:
                          f"{blocks.dtype}{list(blocks.shape)} {getattr(qtype, 'name', qtype)} k={k}")
     return jax.ffi.ffi_call(DEQUANTIZE, jax.ShapeDtypeStruct((n, k), jnp.float32))(
         blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
+
+
+AMX_SWITCH = "LLAVA_JAX_AMX"
+
+
+def amx_available() -> bool:
+    """Whether `qmatmul` runs here: the kernels are built with AMX, the OS granted its tile state, and
+    LLAVA_JAX_AMX is not 0 (then prompts dequantize each weight for XLA's f32 dot, as without AMX)."""
+    return kernels_available() and _status.get("amx") == "in use" and os.environ.get(AMX_SWITCH, "1") != "0"
+
+
+QMATMUL_MIN_ROWS = QGEMV_MAX_ROWS + 1  # fewer rows: `qgemv`
+
+
+def qmatmul_applies(x_shape: tuple[int, ...], x_dtype, qtype, k: int) -> bool:
+    """Whether `qmatmul` takes x @ dequantize(w).T: f32 x with more than QGEMV_MAX_ROWS rows, a type the
+    kernels read, rows of whole units, and AMX here."""
+    rows = math.prod(x_shape[:-1])
+    unit = QGEMV_UNITS.get(qtype)
+    return (unit is not None and rows >= QMATMUL_MIN_ROWS and jnp.dtype(x_dtype) == jnp.float32
+            and k % unit == 0 and amx_available())
+
+
+def qmatmul(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
+    """x f32 [..., K], blocks uint8 [N, K / block_size, type_size] → f32 [..., N] = x @ dequantize(blocks).T on
+    AMX tiles (`kernels/prefill_matmul.cc`): x and the weights split into three bf16 parts each, the six
+    products above 2^-24 of the whole summed in f32, so the result is the f32 product within f32 rounding."""
+    if not amx_available():
+        raise RuntimeError(f"qmatmul needs AMX: {_status.get('amx', kernel_status())}")
+    n, k = blocks.shape[0], x.shape[-1]
+    if blocks.dtype != jnp.uint8 or not qmatmul_applies(x.shape, x.dtype, qtype, k):
+        raise ValueError(f"qmatmul takes f32 x [..., K] with >= {QMATMUL_MIN_ROWS} rows and uint8 blocks of a type in "
+                         f"QGEMV_UNITS; got {x.dtype}{list(x.shape)}, {blocks.dtype}{list(blocks.shape)} "
+                         f"{getattr(qtype, 'name', qtype)}")
+    lead = x.shape[:-1]
+    y = jax.ffi.ffi_call(QMATMUL, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
+        x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
+    return y.reshape(*lead, n)

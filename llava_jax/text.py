@@ -123,11 +123,14 @@ def project(x: Array, w: Array | QTensor, dtype, kernel: bool = False, out_dtype
     """x [..., in] @ w.T for w `[out, in]` (GGUF's layout), computed in `dtype` (result in out_dtype,
     default dtype). w is a plain array or a `QTensor` (GGUF blocks, dequantized here: inside the compiled
     program, a temporary of this one weight). kernel: a few f32 rows (a decode step) go through
-    `cpu_kernels.gemv` / `qgemv` (XLA:CPU, one device) instead of XLA's dot, reading blocks directly."""
+    `cpu_kernels.gemv` / `qgemv` (XLA:CPU, one device) instead of XLA's dot, reading blocks directly, and
+    more rows (a prompt) through `cpu_kernels.qmatmul` where the CPU has AMX."""
     x = x.astype(dtype)
     if isinstance(w, QTensor):
         if kernel and cpu_kernels.qgemv_applies(x.shape, x.dtype, w.qtype, w.matrix[1]):
             return cpu_kernels.qgemv(x, w.blocks, w.qtype).astype(out_dtype or dtype)
+        if kernel and w.blocks.ndim == 3 and cpu_kernels.qmatmul_applies(x.shape, x.dtype, w.qtype, w.matrix[1]):
+            return cpu_kernels.qmatmul(x, w.blocks, w.qtype).astype(out_dtype or dtype)
         w = dequantize_when_needed(w, x, dtype, kernel)
     if kernel and cpu_kernels.gemv_applies(x.shape, x.dtype, w.dtype):
         return cpu_kernels.gemv(x, w).astype(out_dtype or dtype)

@@ -113,7 +113,7 @@ def test_engine_refuses_kernel_where_it_does_not_apply():
 def test_compile_failure_is_reported(tmp_path, monkeypatch):
     broken = tmp_path / "broken.cc"
     broken.write_text("this is not C++\n")
-    monkeypatch.setattr(cpu_kernels, "SOURCE", broken)
+    monkeypatch.setattr(cpu_kernels, "SOURCES", (broken,))
     monkeypatch.setenv("LLAVA_JAX_CACHE", str(tmp_path))
     with pytest.raises(RuntimeError, match="compiling broken.cc failed"):
         cpu_kernels.build_library()

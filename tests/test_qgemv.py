@@ -58,10 +58,10 @@ def kernel_blocks(qtype, blocks: np.ndarray) -> np.ndarray:
     return blocks.reshape(blocks.shape[0], -1, 64) if qtype in (Q.F16, Q.BF16) else blocks
 
 
-def check(qtype, n: int, k: int, m: int, seed: int) -> None:
+def check(qtype, n: int, k: int, m: int, seed: int, product=cpu_kernels.qgemv) -> None:
     blocks = random_blocks(qtype, n, k, seed)
     x = np.random.default_rng(seed + 1).standard_normal((m, k)).astype(np.float32)
-    y = np.asarray(jax.jit(lambda a, b: cpu_kernels.qgemv(a, b, qtype))(x, kernel_blocks(qtype, blocks)))
+    y = np.asarray(jax.jit(lambda a, b: product(a, b, qtype))(x, kernel_blocks(qtype, blocks)))
     ref, bound = reference(x, blocks, qtype)
     assert y.shape == (m, n)
     err = np.abs(y - ref)
@@ -107,6 +107,41 @@ def test_project_over_qtensor(qtype, rows):
     assert np.all(np.abs(y - ref) <= bound)
     hlo = fn.lower(x, w).as_text()
     assert (cpu_kernels.QGEMV in hlo) == (rows <= cpu_kernels.QGEMV_MAX_ROWS)
+    assert (cpu_kernels.QMATMUL in hlo) == (rows > cpu_kernels.QGEMV_MAX_ROWS and cpu_kernels.amx_available())
+
+
+# The AMX prompt product (`cpu_kernels.qmatmul`): x and w split into three bf16 parts, six part products
+# summed in f32 by the tiles. The dropped part products are below 2^-26 of each |x_i w_i|; the tiles add
+# the products one after another (a worst case of 6K roundings, beyond the bound above), but rounding
+# errors of these random inputs add like a random walk: the largest seen is 0.05 of the bound above, so
+# the same bound holds with a 20x margin, and a wrong tile layout or unpacking moves outputs by whole
+# weights, far beyond it.
+needs_amx = pytest.mark.skipif(not cpu_kernels.amx_available(), reason="no AMX on this CPU (or LLAVA_JAX_AMX=0)")
+
+
+@needs_amx
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [17, 33, 100])
+def test_qmatmul_equals_dequantize_then_dot(qtype, m):
+    k = 768 if cpu_kernels.QGEMV_UNITS[qtype] == 256 else 96
+    check(qtype, 300, k, m, seed=int(qtype) * 100 + m, product=cpu_kernels.qmatmul)
+
+
+@needs_amx
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qtype=st.sampled_from(TYPES), n=st.integers(1, 530), units=st.integers(1, 5), m=st.integers(17, 70),
+       seed=st.integers(0, 2**16))
+def test_qmatmul_ragged_shapes(qtype, n, units, m, seed):
+    """Row counts that leave partial output groups and pieces, any whole number of units (k blocks that
+    end mid-block of 256), token counts that leave a partial and an odd token group."""
+    check(qtype, n, units * cpu_kernels.QGEMV_UNITS[qtype], m, seed, product=cpu_kernels.qmatmul)
+
+
+def test_amx_switch(monkeypatch):
+    """LLAVA_JAX_AMX=0 sends prompts back to dequantize + XLA's dot."""
+    monkeypatch.setenv(cpu_kernels.AMX_SWITCH, "0")
+    assert not cpu_kernels.amx_available()
+    assert not cpu_kernels.qmatmul_applies((64, 256), jnp.float32, Q.Q4_K, 256)
 
 
 def test_qtensor_take_rows_and_slices():
@@ -128,9 +163,11 @@ def test_native_dequantize_is_bit_exact(qtype):
     np.testing.assert_array_equal(ours.view(np.uint32), ref.view(np.uint32))
 
 
-def test_prefill_dequantizes_one_weight_at_a_time():
+def test_prefill_dequantizes_one_weight_at_a_time(monkeypatch):
     """A program with several quantized products holds about one dequantized weight at a time (the
-    conditional in `text.dequantize_when_needed`), not all of them (XLA hoisted them all before)."""
+    conditional in `text.dequantize_when_needed`), not all of them (XLA hoisted them all before).
+    (Without AMX's product, which dequantizes nothing: switched off here.)"""
+    monkeypatch.setenv(cpu_kernels.AMX_SWITCH, "0")
     n, k, layers = 256, 1024, 8
     ws = [QTensor(jnp.asarray(random_blocks(Q.Q4_K, n, k, i)), Q.Q4_K, (n, k)) for i in range(layers)]
     x = jnp.ones((64, k), jnp.float32)
