@@ -59,7 +59,7 @@ QGEMV_MAX_ROWS = 16  # the quantized product's limit (kQGemvMaxRows in the sourc
 QGEMV_UNITS = {Q.F16: 32, Q.BF16: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1: 32, Q.Q8_0: 32,
                Q.Q2_K: 256, Q.Q3_K: 256, Q.Q4_K: 256, Q.Q5_K: 256, Q.Q6_K: 256}
 # No -ffast-math: `#pragma omp simd` (-fopenmp-simd) is what lets the reductions vectorize.
-FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
+FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "LLAVA_JAX_CPU_KERNELS"
 
 _status: dict[str, str] = {}
