@@ -93,9 +93,10 @@ def server(tmp_path_factory):
 
 
 @pytest.fixture
-def browser(tmp_path):
+def browser(tmp_path, monkeypatch):
     """Headless Chromium (a fresh profile, no network beyond 127.0.0.1) through ChromeDriver."""
     importorskip("selenium")
+    monkeypatch.setenv("SE_AVOID_STATS", "true")  # selenium-manager's usage pings (the driver is given: no downloads)
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
 
