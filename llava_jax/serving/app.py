@@ -292,7 +292,8 @@ def _job(state: ServerState, prefix: str, endpoint: str, body, tokens, images, m
     stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
     sampling = RowSampling(body.temperature, body.top_k, body.top_p, body.min_p, body.repeat_penalty, body.seed)
     return Job(state.next_id(prefix), tokens, images, min(max_tokens or room, room), sampling, emit=None,
-               stop=[x for x in stop if x], logprobs=logprobs, timeout_s=state.settings.timeout_s, endpoint=endpoint)
+               stop=[x for x in stop if x], logprobs=logprobs, ignore_eos=body.ignore_eos,
+               timeout_s=state.settings.timeout_s, endpoint=endpoint)
 
 
 @lru_cache(maxsize=65536)

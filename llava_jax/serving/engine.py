@@ -28,6 +28,7 @@ import traceback
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cache
 
 import numpy as np
 
@@ -78,6 +79,31 @@ class Job:
         self.cancelled = True
 
 
+@cache
+def _decode_program(model):
+    """The jitted chunk decode of one decoder (shared by the engines of a process: compiled once per shape)."""
+    import jax
+
+    from llava_jax.serving import slot_ops
+
+    def decode(params, cache, *args, n_steps, kv_window, mode):
+        return slot_ops.decode_rows(model, params, cache, *args, n_steps=n_steps, kv_window=kv_window, mode=mode)
+
+    return jax.jit(decode, static_argnames=("n_steps", "kv_window", "mode"), donate_argnums=(1,))
+
+
+@cache
+def _small_programs():
+    """The jitted first-token sampler, row join and column shift (one set per process)."""
+    import jax
+
+    from llava_jax.serving import slot_ops
+
+    return (jax.jit(slot_ops.first_token, static_argnames=("mode",)),
+            jax.jit(slot_ops.join_row, static_argnames=("batch",), donate_argnums=(0,)),
+            jax.jit(slot_ops.shift_columns, donate_argnums=(0,)))
+
+
 class QueueFull(Exception):
     """The waiting queue is at its cap (HTTP 429)."""
 
@@ -97,9 +123,7 @@ class _Slot:
 class SlotEngine:
     def __init__(self, llm, n_slots: int = 4, queue_size: int = 64, image_cache=None, metrics=None,
                  log: Callable[[str], None] | None = None):
-        import jax
 
-        from llava_jax.serving import slot_ops
 
         self.llm, self.eng = llm, llm.engine
         self.n_slots, self.queue_size = n_slots, queue_size
@@ -129,13 +153,8 @@ class SlotEngine:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        model = self.eng.model
-        self._decode = jax.jit(lambda params, cache, *a, n_steps, kv_window, mode: slot_ops.decode_rows(
-            model, params, cache, *a, n_steps=n_steps, kv_window=kv_window, mode=mode),
-            static_argnames=("n_steps", "kv_window", "mode"), donate_argnums=(1,))
-        self._first = jax.jit(slot_ops.first_token, static_argnames=("mode",))
-        self._join = jax.jit(slot_ops.join_row, static_argnames=("batch",), donate_argnums=(0,))
-        self._shift = jax.jit(slot_ops.shift_columns, donate_argnums=(0,))
+        self._decode = _decode_program(self.eng.model)
+        self._first, self._join, self._shift = _small_programs()
 
     # ---- the public side (any thread) -----------------------------------------------------------------
     def submit(self, job: Job) -> None:

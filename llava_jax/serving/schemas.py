@@ -33,6 +33,7 @@ class Sampling(_Body):
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: int = Field(1, ge=1, le=1)
+    ignore_eos: bool = False  # llama.cpp's: generate past end-of-sequence tokens (benchmarks)
 
 
 class ChatMessage(_Body):
