@@ -296,6 +296,7 @@ def bench_engine(engine: str, args, model: Path, mmproj: Path, images: list[str]
                 status, raw = http(server.base + "/metrics", timeout=30)
                 if status == 200:
                     row["metrics"] = parse_metrics(raw.decode(errors="replace"))
+                    row["slots_busy_max_since_start"] = row["metrics"].get("llava_jax_slots_busy_max")
             levels.append(row)
             log(f"{engine}: {c:>2} clients, {row['ok']}/{n} ok: {row['requests_per_s']} req/s, "
                 f"p50 {row['latency_p50_s']} s, p95 {row['latency_p95_s']} s")
