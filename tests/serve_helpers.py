@@ -42,7 +42,7 @@ class Server:
     def client(self, **kwargs):
         from openai import OpenAI
 
-        return OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=300, **kwargs)
+        return OpenAI(**({"base_url": f"{self.url}/v1", "api_key": API_KEY, "max_retries": 0, "timeout": 300} | kwargs))
 
 
 _server: Server | None = None
