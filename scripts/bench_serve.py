@@ -6,8 +6,9 @@
 Each engine's server runs in its own subprocess on a free 127.0.0.1 port, one after the other (never both at
 once), with the same files: SmolLM2-135M-Instruct (`llava_jax.defaults.smollm2_path()`, or `-m`) + the project's
 deterministic random LLaVA-1.6 mmproj (`llava_jax.random_mmproj.default_mmproj_path()`, or `--mmproj`):
-- llava_jax: `python -m llava_jax.serve -m MODEL --mmproj MMPROJ -np SLOTS -c CTX --chat-template vicuna`
-  (continuous batching over `--slots` slots, CTX tokens each; extra flags with `--llava-jax-args`);
+- llava_jax: `python -m llava_jax.serve -m MODEL --mmproj MMPROJ -np SLOTS -c CTX --chat-template vicuna
+  --clip-compat llama.cpp` (continuous batching over `--slots` slots, CTX tokens each; llama.cpp's image graph,
+  so both engines encode the same tiles into the same number of tokens; extra flags with `--llava-jax-args`);
 - llama_cpp: llama-cpp-python's own server, `python -m llama_cpp.server --model MODEL --clip_model_path MMPROJ
   --chat_format llava-1-5 --n_threads 2 --n_threads_batch 2` (`--threads`; its llava-1-5 handler runs llama.cpp's
   mtmd, which reads the mmproj's LLaVA-1.6 grid itself; its prompt is LLaVA's vicuna layout, hence llava_jax's
@@ -193,7 +194,7 @@ def server_for(engine: str, args, model: Path, mmproj: Path, log_dir: Path) -> S
     if engine == "llava_jax":
         cmd = [sys.executable, "-m", "llava_jax.serve", "-m", str(model), "--mmproj", str(mmproj), "--host", "127.0.0.1",
                "--port", str(port), "-np", str(args.slots), "-c", str(args.ctx),
-               "--chat-template", args.chat_template, *shlex.split(args.llava_jax_args)]
+               "--chat-template", args.chat_template, "--clip-compat", args.clip_compat, *shlex.split(args.llava_jax_args)]
         return Server(engine, cmd, port, log_dir / "llava_jax.log", "/health")
     cmd = [sys.executable, str(Path(__file__).resolve()), LLAMA_CPP_CHILD, "--model", str(model),
            "--clip_model_path", str(mmproj), "--chat_format", args.llama_cpp_chat_format, "--n_ctx", str(args.llama_cpp_ctx),
@@ -354,6 +355,8 @@ def parse_args(argv: list[str] | None):
     ap.add_argument("--mmproj", help="mmproj GGUF (default: the project's random LLaVA-1.6 mmproj)")
     ap.add_argument("--slots", type=int, default=16, help="llava_jax -np (default: %(default)s)")
     ap.add_argument("--ctx", type=int, default=2048, help="llava_jax -c, the context of each slot (default: %(default)s)")
+    ap.add_argument("--clip-compat", choices=("llama.cpp", "llava"), default="llama.cpp",
+                    help="llava_jax --clip-compat (default: %(default)s: the same image graph and tokens as llama.cpp's)")
     ap.add_argument("--chat-template", default="vicuna",
                     help="llava_jax --chat-template (default: %(default)s, the layout of llama_cpp's llava-1-5 format)")
     ap.add_argument("--llava-jax-args", default="", help="more llava_jax.serve flags (one shell-quoted string)")
@@ -403,7 +406,7 @@ def main(argv: list[str] | None = None) -> int:
               "settings": {"engines": args.engines, "concurrency": args.concurrency, "requests": args.requests or "max(8, 2C)",
                            "max_tokens": args.max_tokens, "temperature": 0, "images": args.images,
                            "unique_images": args.unique_images, "slots": args.slots, "ctx": args.ctx,
-                           "threads": args.threads, "chat_template": args.chat_template,
+                           "threads": args.threads, "chat_template": args.chat_template, "clip_compat": args.clip_compat,
                            "llama_cpp_chat_format": args.llama_cpp_chat_format},
               "engines": {}}
     log_dir = Path(args.log_dir) if args.log_dir else Path(tempfile.mkdtemp(prefix="bench_serve_"))
