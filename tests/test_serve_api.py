@@ -165,3 +165,14 @@ def test_multi_turn_and_file_url(srv, client):
 def test_request_log_lines(srv):
     lines = [x for x in srv.log if x.startswith("request ")]
     assert lines and all(" tokens in " in x and " out, " in x and " images, " in x and " ms" in x for x in lines)
+
+
+def test_chat_page_is_served_without_a_key(srv):
+    from llava_jax.serving.app import CHAT_PAGE
+
+    r = get(srv, "/", key=None)
+    if CHAT_PAGE.is_file():
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/html")
+        assert r.text == CHAT_PAGE.read_text(encoding="utf-8")
+    else:
+        assert r.status_code == 404 and r.json()["error"]["message"]
