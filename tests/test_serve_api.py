@@ -116,6 +116,7 @@ def test_completions_endpoint(client):
 
 
 def test_models_health_metrics(srv, client):
+    chat(client, [{"role": "user", "content": "Hi"}], max_tokens=2, temperature=0)
     models = client.models.list().data
     assert [m.id for m in models] == ["SmolLM2-135M-Instruct.Q4_1.gguf"]
     health = get(srv, "/health", key=None)
