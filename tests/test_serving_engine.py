@@ -137,3 +137,14 @@ def test_a_cancelled_row_frees_its_slot(llm):
     assert all(out.done is None and len(out.tokens) < 100 for _, out in longs)  # no "done": the clients are gone
     solo = llm.generate(prompt_of("Hi", []), max_new_tokens=5, temperature=0)
     assert out_short.tokens == solo.token_ids and out_short.done["finish_reason"] == "length"
+
+
+def test_the_waiting_queue_is_bounded(llm):
+    from llava_jax.serving.engine import QueueFull
+
+    engine = SlotEngine(llm, n_slots=1, queue_size=1)
+    jobs = [make_job(llm, i, "Hi", [], 2)[0] for i in range(3)]
+    engine.submit(jobs[0])  # takes the free slot at the next loop
+    engine.submit(jobs[1])  # waits
+    with pytest.raises(QueueFull):
+        engine.submit(jobs[2])

@@ -159,7 +159,8 @@ class SlotEngine:
     # ---- the public side (any thread) -----------------------------------------------------------------
     def submit(self, job: Job) -> None:
         with self._cond:
-            if len(self.waiting) >= self.queue_size:
+            free = sum(slot is None for slot in self.slots)  # jobs a free slot takes at the next loop do not wait
+            if len(self.waiting) >= self.queue_size + free:
                 raise QueueFull(f"{len(self.waiting)} requests are waiting (--queue-size {self.queue_size})")
             self.waiting.append(job)
             self._update_load()
