@@ -21,6 +21,8 @@ from llava_jax.random_mmproj import write_random_mmproj
 from llava_jax.serving.engine import ImageInput, Job, RowSampling, SlotEngine
 from llava_jax.serving.image_cache import ImageCache
 
+pytestmark = pytest.mark.slow
+
 N_CTX = 384
 SLOTS = 3
 
