@@ -158,7 +158,7 @@ def ask(drv, text: str, image: Path | None = None, timeout: float = 120) -> dict
     return stats(drv)
 
 
-def test_chat_page_streams_an_image_answer(server, browser):
+def test_chat_page_streams_an_image_answer(browser, server):  # the browser first: a missing one fails fast
     from selenium.webdriver.common.by import By
 
     drv = browser
