@@ -161,3 +161,17 @@ def buckets_from_args(args: argparse.Namespace):
     from llava_jax.generate import Buckets
 
     return Buckets(args.bucket_min, args.bucket_step)
+
+
+def add_engine_flags(parser: argparse.ArgumentParser) -> None:
+    """How the model runs, shared by `run` and `serve`: image pipeline, dtype, mesh, layer scan,
+    compile buckets and the memory flags."""
+    parser.add_argument("--clip-compat", choices=["llava", "llama.cpp"], default="llava",
+                        help="image pipeline semantics: LLaVA's own or llama.cpp's mtmd graph")
+    parser.add_argument("--dtype", choices=["f32", "bf16", "f16"],
+                        help="compute dtype (default: f32 on CPU, bf16 on GPU/TPU)")
+    parser.add_argument("--mesh", help="device mesh DATAxMODEL, e.g. 2x4 (default: one device)")
+    parser.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
+                        help="scan over stacked layers (auto: off on CPU, on elsewhere)")
+    add_bucket_flags(parser)
+    add_memory_flags(parser)

@@ -181,22 +181,25 @@ def qgemv_applies(x_shape: tuple[int, ...], x_dtype, qtype, k: int) -> bool:
     """Whether `qgemv` takes x @ dequantize(w).T: f32 x with at most QGEMV_MAX_ROWS rows, a type it reads,
     rows of `k` values in whole units."""
     rows = math.prod(x_shape[:-1])
-    unit = QGEMV_UNITS.get(qtype)
-    return (unit is not None and 0 < rows <= QGEMV_MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32
-            and k % unit == 0)
+    return 0 < rows <= QGEMV_MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32 and dequantize_applies(qtype, k)
 
 
 def qgemv(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
     """x f32 [..., K] (at most QGEMV_MAX_ROWS rows), blocks uint8 [N, K / block_size, type_size] (a GGUF
     matrix's rows in its own block format) → f32 [..., N] = x @ dequantize(blocks).T."""
     _require()
-    n, k = blocks.shape[0], x.shape[-1]
+    k = x.shape[-1]
     if blocks.ndim != 3 or blocks.dtype != jnp.uint8 or not qgemv_applies(x.shape, x.dtype, qtype, k):
         raise ValueError(f"qgemv takes f32 x [..., K] with <= {QGEMV_MAX_ROWS} rows and uint8 blocks [N, nb, bytes] "
                          f"of a type in QGEMV_UNITS; got {x.dtype}{list(x.shape)}, {blocks.dtype}{list(blocks.shape)} "
                          f"{getattr(qtype, 'name', qtype)}")
-    lead = x.shape[:-1]
-    y = jax.ffi.ffi_call(QGEMV, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
+    return _block_product(QGEMV, x, blocks, qtype)
+
+
+def _block_product(target: str, x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
+    """The custom call `target` on x [..., K] and a matrix's blocks [N, ...] → f32 [..., N]."""
+    n, k, lead = blocks.shape[0], x.shape[-1], x.shape[:-1]
+    y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
         x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
     return y.reshape(*lead, n)
 
@@ -235,9 +238,8 @@ def qmatmul_applies(x_shape: tuple[int, ...], x_dtype, qtype, k: int) -> bool:
     """Whether `qmatmul` takes x @ dequantize(w).T: f32 x with more than QGEMV_MAX_ROWS rows, a type the
     kernels read, rows of whole units, and AMX here."""
     rows = math.prod(x_shape[:-1])
-    unit = QGEMV_UNITS.get(qtype)
-    return (unit is not None and rows >= QMATMUL_MIN_ROWS and jnp.dtype(x_dtype) == jnp.float32
-            and k % unit == 0 and amx_available())
+    return (rows >= QMATMUL_MIN_ROWS and jnp.dtype(x_dtype) == jnp.float32 and dequantize_applies(qtype, k)
+            and amx_available())
 
 
 def qmatmul(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
@@ -246,12 +248,8 @@ def qmatmul(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
     products above 2^-24 of the whole summed in f32, so the result is the f32 product within f32 rounding."""
     if not amx_available():
         raise RuntimeError(f"qmatmul needs AMX: {_status.get('amx', kernel_status())}")
-    n, k = blocks.shape[0], x.shape[-1]
-    if blocks.dtype != jnp.uint8 or not qmatmul_applies(x.shape, x.dtype, qtype, k):
+    if blocks.dtype != jnp.uint8 or not qmatmul_applies(x.shape, x.dtype, qtype, x.shape[-1]):
         raise ValueError(f"qmatmul takes f32 x [..., K] with >= {QMATMUL_MIN_ROWS} rows and uint8 blocks of a type in "
                          f"QGEMV_UNITS; got {x.dtype}{list(x.shape)}, {blocks.dtype}{list(blocks.shape)} "
                          f"{getattr(qtype, 'name', qtype)}")
-    lead = x.shape[:-1]
-    y = jax.ffi.ffi_call(QMATMUL, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
-        x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
-    return y.reshape(*lead, n)
+    return _block_product(QMATMUL, x, blocks, qtype)

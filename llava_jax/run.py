@@ -17,9 +17,8 @@ import sys
 
 from llava_jax import prompts
 from llava_jax.cli_config import (
-    add_bucket_flags,
     add_compile_cache_flag,
-    add_memory_flags,
+    add_engine_flags,
     buckets_from_args,
     memory_kwargs,
 )
@@ -83,14 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     p.add_argument("--chat-template", help=f"{_template_names()} (default: from the GGUF metadata); "
                                            "applied to text-only prompts too when given")
-    p.add_argument("--clip-compat", choices=["llava", "llama.cpp"], default="llava",
-                   help="image pipeline semantics: LLaVA's own or llama.cpp's mtmd graph")
-    p.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="compute dtype (default: f32 on CPU, bf16 on GPU/TPU)")
-    p.add_argument("--mesh", help="device mesh DATAxMODEL, e.g. 2x4 (default: one device)")
-    p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
-                   help="scan over stacked layers (auto: off on CPU, on elsewhere)")
-    add_bucket_flags(p)
-    add_memory_flags(p)
+    add_engine_flags(p)
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past end-of-sequence tokens (benchmarks)")
     add_compile_cache_flag(p)
     p.add_argument("--json", action="store_true", help="print one JSON object (text, token ids, timings) instead of streaming")

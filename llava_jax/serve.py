@@ -17,7 +17,7 @@ import sys
 import threading
 from pathlib import Path
 
-from llava_jax.cli_config import add_bucket_flags, add_memory_flags, buckets_from_args, memory_kwargs
+from llava_jax.cli_config import add_engine_flags, buckets_from_args, memory_kwargs
 from llava_jax.errors import LlavaError, run_cli
 from llava_jax.run import _HelpFormatter, _template_names, check_template
 
@@ -35,14 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", "--ctx-size", type=int, default=None,
                    help="context of each slot (default: min(4096, model's); 0 = model's)")
     p.add_argument("--chat-template", help=f"{_template_names()} (default: from the GGUF metadata)")
-    p.add_argument("--clip-compat", choices=["llava", "llama.cpp"], default="llava",
-                   help="image pipeline semantics: LLaVA's own or llama.cpp's mtmd graph")
-    p.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="compute dtype (default: f32 on CPU, bf16 on GPU/TPU)")
-    p.add_argument("--mesh", help="device mesh DATAxMODEL, e.g. 2x4 (default: one device)")
-    p.add_argument("--scan-layers", choices=["auto", "on", "off"], default="auto",
-                   help="scan over stacked layers (auto: off on CPU, on elsewhere)")
-    add_bucket_flags(p)
-    add_memory_flags(p)
+    add_engine_flags(p)
     # the server's own
     p.add_argument("--host", default="127.0.0.1", help="address to bind")
     p.add_argument("--port", type=int, default=8080, help="port to bind (0: any free port, printed)")

@@ -364,4 +364,25 @@ inline void UnpackRow(const uint8_t* row, int64_t k, S& sink) {
   }
 }
 
+// Make<T>::Get() for the format of ggml type id `qtype`; a value-initialized result (null entries) for
+// a type without one. Each kernel's table of per-format functions is built through this one switch.
+template <template <int> class Make>
+auto ForFormat(int32_t qtype) -> decltype(Make<kF16>::Get()) {
+  switch (qtype) {
+    case kF16: return Make<kF16>::Get();
+    case kBF16: return Make<kBF16>::Get();
+    case kQ4_0: return Make<kQ4_0>::Get();
+    case kQ4_1: return Make<kQ4_1>::Get();
+    case kQ5_0: return Make<kQ5_0>::Get();
+    case kQ5_1: return Make<kQ5_1>::Get();
+    case kQ8_0: return Make<kQ8_0>::Get();
+    case kQ2_K: return Make<kQ2_K>::Get();
+    case kQ3_K: return Make<kQ3_K>::Get();
+    case kQ4_K: return Make<kQ4_K>::Get();
+    case kQ5_K: return Make<kQ5_K>::Get();
+    case kQ6_K: return Make<kQ6_K>::Get();
+    default: return {};
+  }
+}
+
 }  // namespace llava_kernels

@@ -487,25 +487,11 @@ struct QEntry {
   int bs, ts;
 };
 template <int T>
-constexpr QEntry Entry() { return {&QRows<T>, &DequantRows<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+struct MakeEntry {
+  static QEntry Get() { return {&QRows<T>, &DequantRows<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+};
 
-QEntry Lookup(int32_t qtype) {
-  switch (qtype) {
-    case kF16: return Entry<kF16>();
-    case kQ4_0: return Entry<kQ4_0>();
-    case kQ4_1: return Entry<kQ4_1>();
-    case kQ5_0: return Entry<kQ5_0>();
-    case kQ5_1: return Entry<kQ5_1>();
-    case kQ8_0: return Entry<kQ8_0>();
-    case kQ2_K: return Entry<kQ2_K>();
-    case kQ3_K: return Entry<kQ3_K>();
-    case kQ4_K: return Entry<kQ4_K>();
-    case kQ5_K: return Entry<kQ5_K>();
-    case kQ6_K: return Entry<kQ6_K>();
-    case kBF16: return Entry<kBF16>();
-    default: return {nullptr, nullptr, 0, 0};
-  }
-}
+QEntry Lookup(int32_t qtype) { return ForFormat<MakeEntry>(qtype); }
 
 // job->rows over all N rows, cut into pieces shared among the caller and XLA's intra-op threads.
 void RunRows(ffi::ThreadPool& pool, const std::shared_ptr<QGemvJob>& job) {

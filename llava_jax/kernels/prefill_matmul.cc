@@ -288,25 +288,11 @@ struct Kind {
   int bs, ts;
 };
 template <int T>
-constexpr Kind KindOf() { return {&UnpackBlock<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+struct MakeKind {
+  static Kind Get() { return {&UnpackBlock<T>, Fmt<T>::BS, Fmt<T>::TS}; }
+};
 
-Kind Lookup(int32_t qtype) {
-  switch (qtype) {
-    case kF16: return KindOf<kF16>();
-    case kBF16: return KindOf<kBF16>();
-    case kQ4_0: return KindOf<kQ4_0>();
-    case kQ4_1: return KindOf<kQ4_1>();
-    case kQ5_0: return KindOf<kQ5_0>();
-    case kQ5_1: return KindOf<kQ5_1>();
-    case kQ8_0: return KindOf<kQ8_0>();
-    case kQ2_K: return KindOf<kQ2_K>();
-    case kQ3_K: return KindOf<kQ3_K>();
-    case kQ4_K: return KindOf<kQ4_K>();
-    case kQ5_K: return KindOf<kQ5_K>();
-    case kQ6_K: return KindOf<kQ6_K>();
-    default: return {nullptr, 0, 0};
-  }
-}
+Kind Lookup(int32_t qtype) { return ForFormat<MakeKind>(qtype); }
 
 ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
                    ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
