@@ -139,17 +139,23 @@ def test_greedy_continuation_xla_attention(llm, smollm2_reference):
 
 
 @pytest.mark.slow
-def test_scan_layers_equals_unrolled(our_logits, smollm2_reference):
+def test_scan_layers_equals_unrolled(smollm2_reference, monkeypatch):
     """Layers stacked and scanned vs separate arrays unrolled: the same ops per layer, but XLA fuses and
-    orders the work differently around a while loop, so allow 1e-5 rather than bit equality."""
+    orders the work differently around a while loop, so allow 1e-5 rather than bit equality. Scanned
+    layers do not use the native kernels, so the unrolled model here runs its prompt products as XLA's
+    dot too (AMX's product sums in another order; its accuracy is test_qgemv's)."""
     import llava_jax
+    from llava_jax import cpu_kernels
 
+    monkeypatch.setenv(cpu_kernels.AMX_SWITCH, "0")
+    unrolled = llava_jax.load()
     scanned = llava_jax.load(scan_layers=True)
     assert "blk" in scanned.engine.params and "blk_0" not in scanned.engine.params
     assert scanned.engine.params["blk"]["attn_qkv"]["weight"].shape == (30, 576 + 2 * 192, 576)  # fused q/k/v
     assert scanned.engine.canonical_params()["blk"]["attn_q"]["weight"].shape == (30, 576, 576)
     for i in (1, 4):
-        diff = np.abs(scanned.logits(smollm2_reference[i]["ids"]) - our_logits[i]).max()
+        ids = smollm2_reference[i]["ids"]
+        diff = np.abs(scanned.logits(ids) - unrolled.logits(ids)).max()
         print(f"prompt {i}: scanned vs unrolled max abs logit diff {diff:.3g}")
         assert diff < 1e-5, (i, diff)
 
