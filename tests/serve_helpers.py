@@ -64,9 +64,15 @@ def image_message(text: str, *images) -> list[dict]:
 
 
 def server() -> Server:
+    """The shared server of the test modules (started on first use)."""
     global _server
-    if _server is not None:
-        return _server
+    if _server is None:
+        _server = start()
+    return _server
+
+
+def start(slots: int = SLOTS, extra: tuple[str, ...] = ()) -> Server:
+    """A new server process (killed at exit): `slots` slots, the defaults above, plus `extra` flags."""
     root = Path(tempfile.mkdtemp(prefix="llava_serve_"))
     mmproj = write_random_mmproj(root / "tiny16.gguf", tiny_spec(112, True, seed=1))
     media = root / "media"
@@ -75,8 +81,8 @@ def server() -> Server:
     outside = root / "outside.png"
     drawing(50, 50, 9).save(outside)
     (media / "link.png").symlink_to(outside)
-    cmd = [sys.executable, "-m", "llava_jax.serve", "--mmproj", str(mmproj), "--port", "0", "-np", str(SLOTS),
-           "-c", str(N_CTX), "--api-key", API_KEY, "--media-path", str(media), "--max-images", str(MAX_IMAGES)]
+    cmd = [sys.executable, "-m", "llava_jax.serve", "--mmproj", str(mmproj), "--port", "0", "-np", str(slots),
+           "-c", str(N_CTX), "--api-key", API_KEY, "--media-path", str(media), "--max-images", str(MAX_IMAGES), *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
     log: list[str] = []
@@ -96,9 +102,8 @@ def server() -> Server:
     if not url:
         proc.kill()
         raise RuntimeError("the server did not start:\n" + "\n".join(log[-30:]))
-    _server = Server(url[0], proc, mmproj, media, outside, log)
     atexit.register(proc.kill)
-    return _server
+    return Server(url[0], proc, mmproj, media, outside, log)
 
 
 def metric(text: str, name: str) -> float:

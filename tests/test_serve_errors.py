@@ -4,11 +4,12 @@ traceback), and the server stays healthy afterwards. The server is tests/serve_h
 from __future__ import annotations
 
 import base64
+import threading
 
 import httpx
 import openai
 import pytest
-from serve_helpers import API_KEY, MAX_IMAGES, data_url, get, server
+from serve_helpers import API_KEY, MAX_IMAGES, data_url, get, metric, server, start, wait_until
 from tiny_mmproj import drawing
 
 IMG = drawing(40, 30, 3)
@@ -86,3 +87,41 @@ def test_the_openai_client_sees_the_errors(srv):
     # the server still answers
     r = srv.client().chat.completions.create(model="x", messages=HI, max_tokens=2, temperature=0)
     assert r.usage.completion_tokens >= 1
+
+
+def test_a_full_queue_is_429_with_retry_after():
+    """-np 1 --queue-size 1: one request decoding, one waiting, the third is refused over HTTP (429, OpenAI's
+    error object, Retry-After); the server answers again once the two are gone."""
+    srv = start(slots=1, extra=("--queue-size", "1"))
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    body = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 900,
+            "temperature": 0, "stream": True, "ignore_eos": True}
+    streams = []  # (client, stream context, line iterator): kept, since a collected iterator closes the stream
+
+    def open_stream():  # a streamed answer's headers come once the request has a slot
+        http = httpx.Client(timeout=120)
+        ctx = http.stream("POST", srv.url + "/v1/chat/completions", json=body, headers=headers)
+        streams.append((http, ctx, ctx.__enter__().iter_lines()))
+
+    try:
+        open_stream()  # takes the slot
+        assert next(line for line in streams[0][2] if line.startswith("data: ")).startswith("data: {")
+        waiter = threading.Thread(target=open_stream, daemon=True)  # waits for the slot
+        waiter.start()
+        assert wait_until(lambda: metric(get(srv, "/metrics").text, "requests_waiting") == 1)
+        r = post(srv, {"messages": HI, "max_tokens": 2})
+        check_error(r, 429, "busy")
+        assert int(r.headers["Retry-After"]) >= 1
+        with pytest.raises(openai.RateLimitError):
+            srv.client().chat.completions.create(model="x", messages=HI, max_tokens=2)
+        streams[0][1].__exit__(None, None, None)  # the first client goes away: the waiting one gets the slot
+        waiter.join(120)
+        assert len(streams) == 2
+        streams[1][1].__exit__(None, None, None)
+        assert wait_until(lambda: metric(get(srv, "/metrics").text, "slots_busy") == 0)
+        r = srv.client().chat.completions.create(model="x", messages=HI, max_tokens=2, temperature=0)
+        assert r.usage.completion_tokens >= 1
+    finally:
+        for http, _, _ in streams:
+            http.close()
+        srv.proc.kill()
