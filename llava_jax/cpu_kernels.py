@@ -47,7 +47,7 @@ from gguf import GGMLQuantizationType as Q
 
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "decode_kernels.cc", KERNELS / "prefill_matmul.cc")  # compiled into one library
-HEADERS = (KERNELS / "common.h", KERNELS / "block_formats.h")
+HEADERS = (KERNELS / "common.h", KERNELS / "block_formats.h", KERNELS / "int8_products.h")
 TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv",
            "llava_jax_qgemv": "LlavaQGemv", "llava_jax_dequantize": "LlavaDequantize",
            "llava_jax_qmatmul": "LlavaQMatmul"}  # name: symbol
@@ -61,6 +61,10 @@ QGEMV_UNITS = {Q.F16: 32, Q.BF16: 32, Q.Q4_0: 32, Q.Q4_1: 32, Q.Q5_0: 32, Q.Q5_1
 # No -ffast-math: `#pragma omp simd` (-fopenmp-simd) is what lets the reductions vectorize.
 FLAGS = ("-O3", "-march=native", "-fno-math-errno", "-ffp-contract=fast", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w")
 ENV_SWITCH = "LLAVA_JAX_CPU_KERNELS"
+# Types whose decode product can run on integer dot products (kernels/int8_products.h: AVX-512 VNNI),
+# x rounded to 21 bits relative to the largest of each 16 values; LLAVA_JAX_INT8=0 keeps the f32 path.
+INT8_TYPES = frozenset({Q.Q4_K, Q.Q6_K})
+INT8_SWITCH = "LLAVA_JAX_INT8"
 
 _status: dict[str, str] = {}
 
@@ -127,6 +131,7 @@ def kernels_available() -> bool:
     try:
         lib = ctypes.cdll.LoadLibrary(str(build_library()))
         _status["amx"] = "in use" if lib.LlavaAmxAvailable() else "unavailable (no AMX on this CPU, or the OS refused it)"
+        _status["int8"] = "in use" if lib.LlavaInt8Available() else "unavailable (no AVX-512 VNNI on this CPU)"
         for name, symbol in TARGETS.items():
             jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (RuntimeError, OSError, AttributeError) as e:
@@ -184,23 +189,34 @@ def qgemv_applies(x_shape: tuple[int, ...], x_dtype, qtype, k: int) -> bool:
     return 0 < rows <= QGEMV_MAX_ROWS and jnp.dtype(x_dtype) == jnp.float32 and dequantize_applies(qtype, k)
 
 
-def qgemv(x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
+def int8_available() -> bool:
+    """Whether `qgemv` runs INT8_TYPES on integer dot products: the kernels are built with AVX-512 VNNI
+    and LLAVA_JAX_INT8 is not 0."""
+    return kernels_available() and _status.get("int8") == "in use" and os.environ.get(INT8_SWITCH, "1") != "0"
+
+
+def qgemv(x: jax.Array, blocks: jax.Array, qtype, int8: bool | None = None) -> jax.Array:
     """x f32 [..., K] (at most QGEMV_MAX_ROWS rows), blocks uint8 [N, K / block_size, type_size] (a GGUF
-    matrix's rows in its own block format) → f32 [..., N] = x @ dequantize(blocks).T."""
+    matrix's rows in its own block format) → f32 [..., N] = x @ dequantize(blocks).T.
+
+    int8 (default `int8_available()`): INT8_TYPES on integer dot products, x rounded to 21 bits relative to
+    the largest |x| of each group of 16 values (kernels/int8_products.h); otherwise f32 multiply-adds, only
+    the order of the f32 sums differing from XLA's dot. Ignored for other types."""
     _require()
     k = x.shape[-1]
     if blocks.ndim != 3 or blocks.dtype != jnp.uint8 or not qgemv_applies(x.shape, x.dtype, qtype, k):
         raise ValueError(f"qgemv takes f32 x [..., K] with <= {QGEMV_MAX_ROWS} rows and uint8 blocks [N, nb, bytes] "
                          f"of a type in QGEMV_UNITS; got {x.dtype}{list(x.shape)}, {blocks.dtype}{list(blocks.shape)} "
                          f"{getattr(qtype, 'name', qtype)}")
-    return _block_product(QGEMV, x, blocks, qtype)
+    integer = int8_available() if int8 is None else int8
+    return _block_product(QGEMV, x, blocks, qtype, int8=np.int32(bool(integer) and qtype in INT8_TYPES))
 
 
-def _block_product(target: str, x: jax.Array, blocks: jax.Array, qtype) -> jax.Array:
+def _block_product(target: str, x: jax.Array, blocks: jax.Array, qtype, **attrs) -> jax.Array:
     """The custom call `target` on x [..., K] and a matrix's blocks [N, ...] → f32 [..., N]."""
     n, k, lead = blocks.shape[0], x.shape[-1], x.shape[:-1]
     y = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((math.prod(lead), n), jnp.float32))(
-        x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)))
+        x.reshape(-1, k), blocks.reshape(n, -1), qtype=np.int32(int(qtype)), **attrs)
     return y.reshape(*lead, n)
 
 

@@ -28,6 +28,7 @@
 
 #include "block_formats.h"
 #include "common.h"
+#include "int8_products.h"
 
 namespace {
 
@@ -424,6 +425,7 @@ struct QGemvJob {
   float* y;
   int64_t m, n, k, row_bytes, pieces;
   void (*rows)(const QGemvJob&, int64_t, int64_t);
+  XDigits digits;  // x as digits, for the integer products (int8_products.h)
 };
 
 // Every block of row r unpacked in order (see block_formats.h's UnpackRow).
@@ -493,6 +495,28 @@ struct MakeEntry {
 
 QEntry Lookup(int32_t qtype) { return ForFormat<MakeEntry>(qtype); }
 
+// The integer products (int8_products.h) of the types that have them: (x -> digits, rows); nulls elsewhere.
+struct Int8Entry {
+  void (*prepare)(QGemvJob&);
+  void (*rows)(const QGemvJob&, int64_t, int64_t);
+};
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+template <class F>
+Int8Entry MakeInt8() {
+  return {[](QGemvJob& job) { PrepareDigits<F>(job.x, job.m, job.k, job.digits); },
+          [](const QGemvJob& job, int64_t r0, int64_t r1) { Int8Rows<F>(job.w, job.row_bytes, job.digits, job.y, job.n, r0, r1); }};
+}
+Int8Entry LookupInt8(int32_t qtype) {
+  switch (qtype) {
+    case kQ4_K: return MakeInt8<Int8Q4K>();
+    case kQ6_K: return MakeInt8<Int8Q6K>();
+    default: return {};
+  }
+}
+#else
+Int8Entry LookupInt8(int32_t) { return {}; }
+#endif
+
 // job->rows over all N rows, cut into pieces shared among the caller and XLA's intra-op threads.
 void RunRows(ffi::ThreadPool& pool, const std::shared_ptr<QGemvJob>& job) {
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
@@ -503,7 +527,7 @@ void RunRows(ffi::ThreadPool& pool, const std::shared_ptr<QGemvJob>& job) {
 }
 
 ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::U8> w,
-                 ffi::ResultBuffer<ffi::F32> y, int32_t qtype) {
+                 ffi::ResultBuffer<ffi::F32> y, int32_t qtype, int32_t int8) {
   auto xd = x.dimensions(), wd = w.dimensions(), yd = y->dimensions();
   const QEntry entry = Lookup(qtype);
   if (entry.rows == nullptr) return ffi::Error::InvalidArgument("qgemv: no kernel for this quant type");
@@ -513,6 +537,10 @@ ffi::Error QGemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi:
   auto job = std::make_shared<QGemvJob>();
   job->x = x.typed_data(), job->w = w.typed_data(), job->y = y->typed_data();
   job->m = xd[0], job->n = wd[0], job->k = xd[1], job->row_bytes = wd[1], job->rows = entry.rows;
+  if (const Int8Entry integer = LookupInt8(qtype); int8 != 0 && job->m <= kInt8MaxRows && integer.rows != nullptr) {
+    integer.prepare(*job);
+    job->rows = integer.rows;
+  }
   RunRows(pool, job);
   return ffi::Error::Success();
 }
@@ -559,7 +587,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaQGemv, QGemv,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int32_t>("qtype"));
+                                  .Attr<int32_t>("qtype")
+                                  .Attr<int32_t>("int8"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaDequantize, Dequantize,
                               ffi::Ffi::Bind()
@@ -567,3 +596,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaDequantize, Dequantize,
                                   .Arg<ffi::Buffer<ffi::U8>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int32_t>("qtype"));
+
+// Whether QGemv's `int8` attribute takes effect for Q4_K / Q6_K (built with AVX-512 VNNI).
+extern "C" int LlavaInt8Available() { return llava_kernels::kInt8Products ? 1 : 0; }
