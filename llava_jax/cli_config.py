@@ -145,22 +145,26 @@ def memory_kwargs(args: argparse.Namespace) -> dict:
 
 
 def add_bucket_flags(parser: argparse.ArgumentParser) -> None:
-    """--bucket-min / --bucket-step (config keys bucket_min / bucket_step), defaults those of `generate.Buckets`
-    (copied in `defaults`, so that building the parser imports no jax)."""
-    from llava_jax.defaults import BUCKET_MIN, BUCKET_STEP
+    """--bucket-min / --bucket-step / --bucket-prompt-step (config keys bucket_min / bucket_step /
+    bucket_prompt_step), defaults those of `generate.Buckets` (copied in `defaults`, so that building the
+    parser imports no jax)."""
+    from llava_jax.defaults import BUCKET_MIN, BUCKET_PROMPT_STEP, BUCKET_STEP
 
     parser.add_argument("--bucket-min", type=int, default=BUCKET_MIN,
                         help="smallest compiled prompt-length bucket; lengths round up to powers of two from here")
     parser.add_argument("--bucket-step", type=int, default=BUCKET_STEP,
-                        help="above this length, prompt / cache lengths round up to multiples of it "
+                        help="above this length, KV-cache lengths round up to multiples of it "
                              "(fewer compiles vs less padding)")
+    parser.add_argument("--bucket-prompt-step", type=int, default=BUCKET_PROMPT_STEP,
+                        help="above this length, prompt lengths round up to multiples of it (each padded "
+                             "row costs a real row's compute; each bucket is one more compile)")
 
 
 def buckets_from_args(args: argparse.Namespace):
     """The `generate.Buckets` the bucket flags ask for (a bad policy raises LlavaError)."""
     from llava_jax.generate import Buckets
 
-    return Buckets(args.bucket_min, args.bucket_step)
+    return Buckets(args.bucket_min, args.bucket_step, args.bucket_prompt_step)
 
 
 def add_engine_flags(parser: argparse.ArgumentParser) -> None:

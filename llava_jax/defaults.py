@@ -23,6 +23,7 @@ COMPILE_CACHE_ENV = "LLAVA_JAX_COMPILE_CACHE"  # a directory for JAX's persisten
 # `generate.Buckets`' defaults, here so that `--help` needs no jax import (a test keeps them equal)
 BUCKET_MIN = 32
 BUCKET_STEP = 256
+BUCKET_PROMPT_STEP = 64
 
 
 def cache_dir() -> Path:

@@ -426,7 +426,8 @@ def test_bucket_defaults_match_generate():
     from llava_jax import defaults
     from llava_jax.generate import Buckets
 
-    assert (defaults.BUCKET_MIN, defaults.BUCKET_STEP) == (Buckets.minimum, Buckets.step)
+    assert (defaults.BUCKET_MIN, defaults.BUCKET_STEP, defaults.BUCKET_PROMPT_STEP) == (
+        Buckets.minimum, Buckets.step, Buckets.prompt_step)
 
 
 # ---- persistent compilation cache -----------------------------------------------------------------------------

@@ -174,7 +174,11 @@ def test_bucket_policy():
     assert [Buckets()(n) for n in (5, 33, 256, 257, 600, 1025)] == [32, 64, 256, 512, 768, 1280]
     assert b(10, minimum=256) == 256 and b(300, minimum=256) == 512 and b(600, minimum=256) == 1024
     assert Buckets()(33) == bucket(33) == 64  # the default policy is the module's bucket()
-    for bad in ((3, 512), (64, 100), (1024, 512), (0, 512)):
+    # prompts: powers of two up to the prompt step, then its multiples (595: LLaVA-1.5's image prompt)
+    assert [Buckets().prompt(n) for n in (5, 33, 64, 65, 200, 595, 1025)] == [32, 64, 64, 128, 256, 640, 1088]
+    assert [Buckets(128, 256, 64).prompt(n) for n in (5, 129, 200)] == [128, 192, 256]
+    assert Buckets(32, 256, 256).prompt(595) == 768
+    for bad in ((3, 512), (64, 100), (1024, 512), (0, 512), (32, 256, 48)):
         with pytest.raises(LlavaError, match="bucket"):
             Buckets(*bad)
 

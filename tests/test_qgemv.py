@@ -6,6 +6,10 @@ its error is bounded by about (K / 8 + 3) f32 roundings of the sum of |x_i w_i|:
 `(K / 8 + 8) * 2**-24 * (|x| @ |w|.T)` per output, the worst-case bound of that summation order
 (typical errors are ~100x smaller). Any wrong unpacking of a block moves outputs by whole quanta,
 far beyond it.
+
+The integer decode path (`qgemv(..., int8=True)`, Q4_K / Q6_K on AVX-512 VNNI) also rounds x to 21 bits
+relative to the largest |x| of each group of 16 values: its bound adds `max|x_group| * 2**-21` per value
+times |w| (`int8_bound`); its integer sums are exact.
 """
 
 from __future__ import annotations
@@ -135,6 +139,79 @@ def test_qmatmul_ragged_shapes(qtype, n, units, m, seed):
     """Row counts that leave partial output groups and pieces, any whole number of units (k blocks that
     end mid-block of 256), token counts that leave a partial and an odd token group."""
     check(qtype, n, units * cpu_kernels.QGEMV_UNITS[qtype], m, seed, product=cpu_kernels.qmatmul)
+
+
+# ---- the integer decode path ------------------------------------------------------------------------------
+needs_int8 = pytest.mark.skipif(not cpu_kernels.int8_available(), reason="no AVX-512 VNNI here (or LLAVA_JAX_INT8=0)")
+INT8_TYPES = sorted(cpu_kernels.INT8_TYPES, key=int)
+
+
+def int8_bound(x: np.ndarray, blocks: np.ndarray, qtype) -> np.ndarray:
+    """The f32 bound plus x's rounding: each value moves by at most 2^-21 of its group of 16's largest |x|."""
+    w = np.asarray(quants.dequantize_blocks(jnp.asarray(blocks), qtype)).reshape(blocks.shape[0], -1).astype(np.float64)
+    m, k = x.shape
+    group_max = np.abs(x.astype(np.float64)).reshape(m, k // 16, 16).max(-1)
+    return reference(x, blocks, qtype)[1] + (np.repeat(group_max, 16, axis=1) * 2.0**-21) @ np.abs(w).T
+
+
+def check_int8(qtype, n: int, k: int, x: np.ndarray, seed: int) -> None:
+    blocks = random_blocks(qtype, n, k, seed)
+    y = np.asarray(jax.jit(lambda a, b: cpu_kernels.qgemv(a, b, qtype, int8=True))(x, blocks))
+    err = np.abs(y - reference(x, blocks, qtype)[0])
+    bound = int8_bound(x, blocks, qtype)
+    assert np.all(err <= bound), f"{qtype.name} n={n} k={k} m={len(x)}: worst ratio {(err / bound).max():.3g}"
+
+
+@needs_int8
+@pytest.mark.parametrize("qtype", INT8_TYPES, ids=lambda t: t.name)
+@pytest.mark.parametrize("m", [1, 2])
+def test_int8_qgemv_equals_dequantize_then_dot(qtype, m):
+    x = np.random.default_rng(m).standard_normal((m, 768)).astype(np.float32)
+    check_int8(qtype, 45, 768, x, seed=int(qtype) + m)
+
+
+@needs_int8
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(qtype=st.sampled_from(INT8_TYPES), n=st.integers(1, 70), units=st.integers(1, 4), m=st.integers(1, 2),
+       seed=st.integers(0, 2**16), outliers=st.integers(0, 8), zero_groups=st.integers(0, 3))
+def test_int8_qgemv_ragged_shapes_and_outliers(qtype, n, units, m, seed, outliers, zero_groups):
+    """Any row count and whole number of blocks; x with outliers 1000x the rest (LLaMA's hidden states have
+    such dims), all-zero groups and tiny groups: digits of every magnitude and groups with nothing in them."""
+    rng = np.random.default_rng(seed)
+    k = units * 256
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    x[:, rng.integers(0, k, outliers)] *= 1000.0
+    for g in rng.integers(0, k // 16, zero_groups):
+        x[:, 16 * g:16 * g + 16] = 0.0
+    x[:, :16] *= 1e-30
+    check_int8(qtype, n, k, x, seed)
+
+
+@needs_int8
+def test_int8_is_the_default_for_one_or_two_rows_and_the_switch(monkeypatch):
+    """Q4_K / Q6_K at 1-2 rows take the integer path by default (the result is not the f32 path's, and is
+    within the int8 bound); from 3 rows on, other types, or with LLAVA_JAX_INT8=0 the f32 path runs."""
+    blocks = random_blocks(Q.Q4_K, 40, 512, 3)
+    x = np.random.default_rng(4).standard_normal((2, 512)).astype(np.float32)
+    f32 = np.asarray(cpu_kernels.qgemv(x, blocks, Q.Q4_K, int8=False))
+    default = np.asarray(cpu_kernels.qgemv(x, blocks, Q.Q4_K))
+    assert not np.array_equal(default, f32)
+    assert np.all(np.abs(default - reference(x, blocks, Q.Q4_K)[0]) <= int8_bound(x, blocks, Q.Q4_K))
+    x3 = np.concatenate([x, x[:1]])
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.qgemv(x3, blocks, Q.Q4_K, int8=True)),
+                                  np.asarray(cpu_kernels.qgemv(x3, blocks, Q.Q4_K, int8=False)))
+    monkeypatch.setenv(cpu_kernels.INT8_SWITCH, "0")
+    assert not cpu_kernels.int8_available()
+    np.testing.assert_array_equal(np.asarray(cpu_kernels.qgemv(x, blocks, Q.Q4_K)), f32)
+
+
+def test_int8_keeps_nan_and_zero():
+    """A NaN in x makes its outputs NaN (as the f32 product does); an all-zero x gives exact zeros."""
+    blocks = random_blocks(Q.Q6_K, 8, 256, 5)
+    x = np.zeros((2, 256), np.float32)
+    x[1, 7] = np.nan
+    y = np.asarray(cpu_kernels.qgemv(x, blocks, Q.Q6_K, int8=True))
+    assert np.all(y[0] == 0.0) and np.all(np.isnan(y[1]))
 
 
 def test_amx_switch(monkeypatch):

@@ -69,7 +69,7 @@ void PrepareDigits(const float* x, int64_t m, int64_t k, XDigits& out) {
       // a NaN / inf in the group: scale NaN, so the output is NaN as the f32 product's would be (or inf)
       const bool finite = std::isfinite(mx) && std::isfinite(sum);
       const float s = finite ? mx * 0x1p-20f : NAN;
-      const float inv = (finite && mx > 0.0f) ? 1.0f / s : 0.0f;
+      const float inv = (finite && s > 0.0f) ? 1.0f / s : 0.0f;  // s = 0: mx underflowed, x ~ 0
       for (int64_t j = 0; j < kGroup; ++j) {
         const float q = std::nearbyint(xi[g * kGroup + j] * inv);
         whole[g * kGroup + j] = static_cast<int32_t>(std::max(-1048576.0f, std::min(1048576.0f, q)));

@@ -254,7 +254,7 @@ class SlotEngine:
         n = len(request.tokens)
         if n >= self.llm.n_ctx:
             raise LlavaError(f"prompt is {n} tokens, the context is {self.llm.n_ctx}")
-        tb = eng.buckets(n)
+        tb = eng.buckets.prompt(n)
         tokens = np.zeros((1, tb), np.int32)
         tokens[0, tb - n:] = request.tokens
         kv_start = np.array([tb - n], np.int32)
