@@ -210,20 +210,25 @@ void UnpackBlock(const MatmulJob& job, int64_t r0, int64_t k0, int64_t kb, uint1
 }
 
 // The six part products of one k step into the four C tiles: C[a][b] += A_a . B_b for output groups
-// a (tiles 4, 5) and token groups b (tiles 6, 7).
+// a (tiles 4, 5) and token groups b (tiles 6, 7). Tile loads, not the products, bound this loop (a 1 KB
+// tile load takes ~3.4 products' time on the Xeon VM), so each next pair changes only one operand pair:
+// 16 loads a step (each pair loading its own B would take 18; 6% faster in a microbenchmark).
 inline void Step(const uint16_t* a0, const uint16_t* a1, const uint16_t* b0, const uint16_t* b1) {
-  // (weight part, x part): hi.hi, hi.mid, hi.lo, mid.hi, mid.mid, lo.hi
-  constexpr int kPairs[6][2] = {{0, 0}, {0, 1}, {0, 2}, {1, 0}, {1, 1}, {2, 0}};
-  int loaded_a = -1;
+  // (weight part, x part): hi.hi, hi.mid, hi.lo, mid.mid, mid.hi, lo.hi
+  constexpr int kPairs[6][2] = {{0, 0}, {0, 1}, {0, 2}, {1, 1}, {1, 0}, {2, 0}};
+  int loaded_a = -1, loaded_b = -1;
   for (const auto& pq : kPairs) {
     if (pq[0] != loaded_a) {
       _tile_loadd(4, a0 + pq[0] * 512, 64);
       _tile_loadd(5, a1 + pq[0] * 512, 64);
       loaded_a = pq[0];
     }
-    _tile_loadd(6, b0 + pq[1] * 512, 64);
+    if (pq[1] != loaded_b) {
+      _tile_loadd(6, b0 + pq[1] * 512, 64);
+      _tile_loadd(7, b1 + pq[1] * 512, 64);
+      loaded_b = pq[1];
+    }
     _tile_dpbf16ps(0, 4, 6);
-    _tile_loadd(7, b1 + pq[1] * 512, 64);
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(2, 5, 6);
     _tile_dpbf16ps(3, 5, 7);
