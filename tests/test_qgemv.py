@@ -205,6 +205,7 @@ def test_int8_is_the_default_for_one_or_two_rows_and_the_switch(monkeypatch):
     np.testing.assert_array_equal(np.asarray(cpu_kernels.qgemv(x, blocks, Q.Q4_K)), f32)
 
 
+@needs_int8
 def test_int8_keeps_nan_and_zero():
     """A NaN in x makes its outputs NaN (as the f32 product does); an all-zero x gives exact zeros."""
     blocks = random_blocks(Q.Q6_K, 8, 256, 5)

@@ -53,6 +53,18 @@ void ShareAmongThreads(ffi::ThreadPool& pool, int64_t count, const Body& body) {
   while (counters->done.load(std::memory_order_acquire) < count) CpuRelax();
 }
 
+// Software prefetch of weight row r (of n rows, row_bytes each) into the caches. The products read each
+// piece's rows in order, but a piece of a small matrix (SmolLM2's rows are 360 bytes) is too short a
+// stream for the hardware prefetchers to get ahead of: reading 30 layers' weights from memory ran 2.6x
+// slower than the same products on cache-resident weights. Asking for the row a few rows ahead hides
+// the latency.
+constexpr int64_t kPrefetchRows = 4;
+inline void PrefetchRow(const uint8_t* w, int64_t row_bytes, int64_t r, int64_t n) {
+  if (r >= n) return;
+  const uint8_t* p = w + r * row_bytes;
+  for (int64_t off = 0; off < row_bytes; off += 64) __builtin_prefetch(p + off, 0, 3);
+}
+
 typedef float F16v __attribute__((vector_size(64)));  // one zmm with AVX-512, two ymm with AVX2
 
 inline F16v Load16(const float* p) {

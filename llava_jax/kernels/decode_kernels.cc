@@ -428,9 +428,11 @@ struct QGemvJob {
   XDigits digits;  // x as digits, for the integer products (int8_products.h)
 };
 
-// Every block of row r unpacked in order (see block_formats.h's UnpackRow).
+// Every block of row r unpacked in order (see block_formats.h's UnpackRow), after asking for the row
+// kPrefetchRows ahead (PrefetchRow).
 template <int T, class S>
 inline void UnpackRow(const QGemvJob& job, int64_t r, S& sink) {
+  PrefetchRow(job.w, job.row_bytes, r + kPrefetchRows, job.n);
   llava_kernels::UnpackRow<T>(job.w + r * job.row_bytes, job.k, sink);
 }
 

@@ -183,6 +183,7 @@ void Int8Rows(const uint8_t* w, int64_t row_bytes, const XDigits& xd, float* y, 
     for (int64_t r = r0; r < r1; ++r) {
       __m512 acc[4] = {_mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps(), _mm512_setzero_ps()};
       __m512 off = _mm512_setzero_ps();
+      PrefetchRow(w, row_bytes, r + kPrefetchRows, n);
       const uint8_t* row = w + r * row_bytes;
       for (int64_t b = 0; b < blocks; ++b) {
         UnpackInt8(row + b * F::TS, F{}, blk);
@@ -201,6 +202,7 @@ void Int8Rows(const uint8_t* w, int64_t row_bytes, const XDigits& xd, float* y, 
   __m512 acc[16], off[16];
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t i = 0; i < m; ++i) acc[i] = off[i] = _mm512_setzero_ps();
+    PrefetchRow(w, row_bytes, r + kPrefetchRows, n);
     const uint8_t* row = w + r * row_bytes;
     for (int64_t b = 0; b < blocks; ++b) {
       UnpackInt8(row + b * F::TS, F{}, blk);
