@@ -74,7 +74,7 @@ class Buckets:
 
     def prompt(self, n: int) -> int:
         """The compiled row count of an n-token prompt."""
-        return max(self.minimum, bucket(n, self.minimum, self.prompt_step))
+        return bucket(n, self.minimum, self.prompt_step)
 
 
 def pad_image_rows(rows: Sequence[np.ndarray | None], dim: int) -> np.ndarray | None:

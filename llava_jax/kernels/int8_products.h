@@ -75,7 +75,7 @@ void PrepareDigits(const float* x, int64_t m, int64_t k, XDigits& out) {
         whole[g * kGroup + j] = static_cast<int32_t>(std::max(-1048576.0f, std::min(1048576.0f, q)));
       }
       scale[g] = s;
-      *(out.group_sum.data() + i * (k / kGroup) + g) = sum;
+      out.group_sum[i * (k / kGroup) + g] = sum;
     }
     for (int64_t c = 0; c < k / kChunk; ++c) {
       const int64_t base = (c / 4) * 256;
@@ -97,13 +97,13 @@ void PrepareDigits(const float* x, int64_t m, int64_t k, XDigits& out) {
 // nibble) and 64c + 32 + l (high). A 64-byte load covers c and c + 1: its low nibbles are elements
 // [128h, +32) and [128h + 64, +32), its high nibbles [128h + 32, +32) and [128h + 96, +32).
 struct Int8Q4K {
-  static constexpr int TS = 144;
+  static constexpr int TS = Fmt<kQ4_K>::TS;
   static constexpr int ElementOf(int v, int j) { return 128 * (v / 2) + 32 * (v % 2) + (j < 32 ? j : j + 32); }
 };
 // Q6_K: 128 bytes of low nibbles, 64 of high bit pairs, 16 int8 scales, d. Chunk v is elements
 // [64v, 64v + 64) in order.
 struct Int8Q6K {
-  static constexpr int TS = 210;
+  static constexpr int TS = Fmt<kQ6_K>::TS;
   static constexpr int ElementOf(int v, int j) { return 64 * v + j; }
 };
 
@@ -172,6 +172,13 @@ inline __m512i ChunkDot(__m512i w, const int8_t* digits) {
   return _mm512_dpbusd_epi32(t, w, _mm512_loadu_si512(digits + 2 * kChunk));
 }
 
+// Chunk v of an unpacked block times x's digits `d` (the block's four chunks), in f32: the integer lane
+// sums times their x scales `ls` and their weight multipliers, added to acc.
+inline __m512 ChunkTerm(const Int8Block& blk, int v, const int8_t* d, const float* ls, __m512 acc) {
+  const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(ChunkDot(blk.w[v], d + v * kChunkBytes)), _mm512_loadu_ps(ls + 16 * v));
+  return _mm512_fmadd_ps(t, blk.mul[v], acc);
+}
+
 inline float SumPs(__m512 v) { return _mm512_reduce_add_ps(v); }
 
 // y[i * n + r] for rows [r0, r1) of w [n, k / 256 blocks of F::TS bytes] and the m rows of `xd`.
@@ -189,17 +196,14 @@ void Int8Rows(const uint8_t* w, int64_t row_bytes, const XDigits& xd, float* y, 
         UnpackInt8(row + b * F::TS, F{}, blk);
         const int8_t* d = xd.Digits(0, 4 * b);
         const float* ls = xd.LaneScale(0, 4 * b);
-        for (int v = 0; v < 4; ++v) {
-          const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(ChunkDot(blk.w[v], d + v * kChunkBytes)), _mm512_loadu_ps(ls + 16 * v));
-          acc[v] = _mm512_fmadd_ps(t, blk.mul[v], acc[v]);
-        }
+        for (int v = 0; v < 4; ++v) acc[v] = ChunkTerm(blk, v, d, ls, acc[v]);
         off = _mm512_fmadd_ps(blk.offset, _mm512_loadu_ps(xd.Sums(0, 16 * b)), off);
       }
       y[r] = SumPs(_mm512_add_ps(_mm512_add_ps(acc[0], acc[1]), _mm512_add_ps(acc[2], acc[3]))) - SumPs(off);
     }
     return;
   }
-  __m512 acc[16], off[16];
+  __m512 acc[kInt8MaxRows], off[kInt8MaxRows];  // QGemv sends at most kInt8MaxRows rows here
   for (int64_t r = r0; r < r1; ++r) {
     for (int64_t i = 0; i < m; ++i) acc[i] = off[i] = _mm512_setzero_ps();
     PrefetchRow(w, row_bytes, r + kPrefetchRows, n);
@@ -209,12 +213,7 @@ void Int8Rows(const uint8_t* w, int64_t row_bytes, const XDigits& xd, float* y, 
       for (int64_t i = 0; i < m; ++i) {
         const int8_t* d = xd.Digits(i, 4 * b);
         const float* ls = xd.LaneScale(i, 4 * b);
-        __m512 a = acc[i];
-        for (int v = 0; v < 4; ++v) {
-          const __m512 t = _mm512_mul_ps(_mm512_cvtepi32_ps(ChunkDot(blk.w[v], d + v * kChunkBytes)), _mm512_loadu_ps(ls + 16 * v));
-          a = _mm512_fmadd_ps(t, blk.mul[v], a);
-        }
-        acc[i] = a;
+        for (int v = 0; v < 4; ++v) acc[i] = ChunkTerm(blk, v, d, ls, acc[i]);
         off[i] = _mm512_fmadd_ps(blk.offset, _mm512_loadu_ps(xd.Sums(i, 16 * b)), off[i]);
       }
     }
