@@ -100,6 +100,11 @@ def _library_path(compiler: str) -> Path:
     return cache_dir() / "kernels" / f"decode_kernels-{key.hexdigest()[:16]}.so"
 
 
+def compile_command(compiler: str, out: Path, flags: tuple[str, ...] = FLAGS) -> list[str]:
+    """The command that compiles `SOURCES` into the shared library `out` (tests vary `flags`' -march)."""
+    return [compiler, *flags, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(out)]
+
+
 def build_library() -> Path:
     """Compile the kernel (once per source / compiler / CPU) and return the shared library's path.
     Raises RuntimeError with the compiler's last words when it cannot."""
@@ -112,8 +117,7 @@ def build_library() -> Path:
     lib.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=lib.parent) as tmp:
         partial = Path(tmp) / lib.name
-        cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", str(partial)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
+        proc = subprocess.run(compile_command(compiler, partial), capture_output=True, text=True)
         if proc.returncode != 0:
             last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
             raise RuntimeError(f"compiling {' '.join(f.name for f in SOURCES)} failed: {last}")

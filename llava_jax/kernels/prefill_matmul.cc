@@ -324,7 +324,7 @@ ffi::Error QMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ff
 
 ffi::Error QMatmul(ffi::ThreadPool, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::U8>, ffi::ResultBuffer<ffi::F32>,
                    int32_t) {
-  return ffi::Error::Unimplemented("qmatmul: built without AMX (the CPU or compiler lacks it)");
+  return ffi::Error(ffi::ErrorCode::kUnimplemented, "qmatmul: built without AMX (the CPU or compiler lacks it)");
 }
 
 #endif
