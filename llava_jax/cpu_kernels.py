@@ -48,10 +48,12 @@ from gguf import GGMLQuantizationType as Q
 KERNELS = Path(__file__).parent / "kernels"
 SOURCES = (KERNELS / "decode_kernels.cc", KERNELS / "prefill_matmul.cc")  # compiled into one library
 HEADERS = (KERNELS / "common.h", KERNELS / "block_formats.h", KERNELS / "int8_products.h")
-TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention", "llava_jax_gemv": "LlavaGemv",
+TARGETS = {"llava_jax_decode_attention": "LlavaDecodeAttention",
+           "llava_jax_decode_attention_f16": "LlavaDecodeAttentionF16", "llava_jax_gemv": "LlavaGemv",
            "llava_jax_qgemv": "LlavaQGemv", "llava_jax_dequantize": "LlavaDequantize",
            "llava_jax_qmatmul": "LlavaQMatmul"}  # name: symbol
-ATTENTION, GEMV, QGEMV, DEQUANTIZE, QMATMUL = TARGETS
+ATTENTION, ATTENTION_F16, GEMV, QGEMV, DEQUANTIZE, QMATMUL = TARGETS
+ATTENTION_KV_DTYPES = {jnp.dtype(jnp.float32): ATTENTION, jnp.dtype(jnp.float16): ATTENTION_F16}  # cache dtype: target
 GEMV_MAX_ROWS = 8  # more input rows than this: XLA's dot (a skinny matrix product, not a gemv)
 QGEMV_MAX_ROWS = 16  # the quantized product's limit (kQGemvMaxRows in the source)
 # Block formats the quantized product reads directly (ggml type → values per unit the kernel reads);
@@ -151,9 +153,10 @@ def _require():
 
 
 def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, kv_start: jax.Array, column: jax.Array) -> jax.Array:
-    """One query token per row against a per-layer KV buffer (f32 only; CPU only).
+    """One query token per row against a per-layer KV buffer (CPU only).
 
-    q f32 [B, 1, H, Dh]; kt f32 [*lead, Dh, S]; v f32 [*lead, S, Dh], lead = (B, Hkv) without its size-1
+    q f32 [B, 1, H, Dh]; kt [*lead, Dh, S]; v [*lead, S, Dh], both f32 or both f16 (a `-ctk/-ctv f16`
+    cache: the kernel reads the f16 values as f32, exactly), lead = (B, Hkv) without its size-1
     dims (`text.head_lead`); kv_start int32 [B]; column int32 [] (the new token's column, already
     written) → f32 [B, 1, H * Dh], query head h reading KV head h // (H / Hkv), as `text.attention`.
     """
@@ -163,7 +166,9 @@ def decode_attention(q: jax.Array, kt: jax.Array, v: jax.Array, kv_start: jax.Ar
         raise ValueError(f"decode attention takes one query token per row, got {t}")
     n = kt.size // (kt.shape[-1] * d)  # B * Hkv
     qh = q.reshape(n, h * b // n, d)  # [B * Hkv, G, Dh]: heads are kv-major within a row
-    out = jax.ffi.ffi_call(ATTENTION, jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
+    if kt.dtype != v.dtype or kt.dtype not in ATTENTION_KV_DTYPES:
+        raise ValueError(f"decode attention takes an f32 or f16 cache, got keys {kt.dtype}, values {v.dtype}")
+    out = jax.ffi.ffi_call(ATTENTION_KV_DTYPES[kt.dtype], jax.ShapeDtypeStruct(qh.shape, jnp.float32))(
         qh, kt, v, kv_start.astype(jnp.int32), jnp.asarray(column, jnp.int32))
     return out.reshape(b, t, h * d)
 

@@ -343,7 +343,8 @@ class Block(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         cache, keys, values = write_and_read_cache(cache, layer if self.index is None else self.index, write_index,
                                                    k, v, self.kv_window)
-        if self.decode_kernel and t == 1 and cache.per_layer and cache.k[self.index].dtype == jnp.float32:
+        if (self.decode_kernel and t == 1 and cache.per_layer
+                and cache.k[self.index].dtype in cpu_kernels.ATTENTION_KV_DTYPES):
             # The whole per-layer buffers: the kernel reads only columns kv_start..write_index.
             attn = cpu_kernels.decode_attention(q, cache.k[self.index], cache.v[self.index], kv_start, write_index)
         else:

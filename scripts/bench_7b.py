@@ -16,7 +16,8 @@ llama.cpp: llama-cpp-python with `--threads` threads, models loaded with `use_ex
 repacked CPU buffers crash in these VMs), its default KV cache (f16) and flash-attention setting (auto):
 its fastest settings that run here. The image goes through `mtmd_encode_chunk` (timed as encode) and
 `mtmd_helper_decode_image_chunk` (prefill, with the text chunks through `mtmd_helper_eval_chunk_single`).
-llava_jax: its defaults (quantized weights on CPU, f32 compute and KV cache, native decode kernels).
+llava_jax: its defaults (quantized weights on CPU, f32 compute and KV cache, native decode kernels);
+`--kv-f16` gives it llama.cpp's f16 KV cache instead.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ def add_arguments(group) -> None:
     group.add_argument("--ctx", type=int, default=2048, help="context size of both engines")
     group.add_argument("--text-only", action="store_true", help="no image: a short text prompt (e.g. the F16 file)")
     group.add_argument("--engines", default="llava_jax,llama_cpp", help="comma list (llama_cpp needs --llama-cpp)")
+    group.add_argument("--kv-f16", action="store_true",
+                       help="llava_jax with an f16 KV cache (-ctk/-ctv f16: llama.cpp's default), not its f32 default")
 
 
 def _image():
@@ -59,10 +62,10 @@ def worker_llava_jax(spec: dict) -> dict:
     import llava_jax
 
     t0 = time.perf_counter()
-    llm = llava_jax.load(spec["model"], mmproj=spec.get("mmproj"), n_ctx=spec["ctx"])
+    llm = llava_jax.load(spec["model"], mmproj=spec.get("mmproj"), n_ctx=spec["ctx"], kv_dtype=spec.get("kv_dtype"))
     out = {"load_s": round(time.perf_counter() - t0, 3), "weights": "quantized" if any(
         type(x).__name__ == "QTensor" for x in _leaves(llm.engine.params)) else "dequantized",
-        "decode_kernels": llm.engine.decode_kernels, "runs": []}
+        "decode_kernels": llm.engine.decode_kernels, "kv_cache": str(llm.engine.kv_dtype), "runs": []}
     images = [_image()] if spec.get("mmproj") else []
     prompt = f"USER: <image>\n{QUESTION} ASSISTANT:" if images else "USER: " + QUESTION + " ASSISTANT:"
     for _ in range(2):
@@ -183,7 +186,8 @@ def run(args) -> dict:
     for path in filter(None, (model, mmproj)):
         if not Path(path).exists():
             raise SystemExit(f"{path} is missing: run python scripts/make_7b_gguf.py first")
-    spec = {"model": model, "mmproj": mmproj, "ctx": args.ctx, "gen": args.gen_tokens, "threads": args.threads}
+    spec = {"model": model, "mmproj": mmproj, "ctx": args.ctx, "gen": args.gen_tokens, "threads": args.threads,
+            "kv_dtype": "f16" if args.kv_f16 else None}
     engines = [e for e in args.engines.split(",") if e != "llama_cpp" or args.llama_cpp]
     result: dict = {"model": model, "mmproj": mmproj, "ctx": args.ctx, "gen_tokens": args.gen_tokens,
                     "load_avg_before": load_average()}

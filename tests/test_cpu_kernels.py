@@ -57,6 +57,32 @@ def test_kernel_equals_xla_attention(b, n_kv, g, d, s, column, kv_start):
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("b,n_kv,g,d,s,column,kv_start", CASES)
+def test_f16_cache_kernel_reads_the_values_exactly(b, n_kv, g, d, s, column, kv_start):
+    """An f16 cache (`-ctk/-ctv f16`): the kernel converts each value to f32 exactly, so it computes what
+    it computes on the f32 copy of the cache (1e-6: only the generic path's sums may vectorize apart),
+    and what XLA's attention computes on that copy (f32 rounding, as above)."""
+    rng = np.random.default_rng(s + column + 1)
+    q, kt, v = operands(rng, b, n_kv, g, d, s)
+    kt16, v16 = kt.astype(jnp.float16), v.astype(jnp.float16)
+    kv_start = jnp.asarray(kv_start, jnp.int32)
+    got = jax.jit(cpu_kernels.decode_attention)(q, kt16, v16, kv_start, jnp.int32(column))
+    on_f32 = cpu_kernels.decode_attention(q, kt16.astype(jnp.float32), v16.astype(jnp.float32), kv_start,
+                                          jnp.int32(column))
+    want = text._attention(q, kt16.astype(jnp.float32), v16.astype(jnp.float32),
+                           text.attention_mask(jnp.int32(column), 1, kv_start, s), jnp.float32)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(on_f32), atol=1e-6, rtol=0)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+
+
+def test_mixed_or_bf16_caches_are_refused():
+    q, kt, v = operands(np.random.default_rng(0), 1, 3, 3, 8, 32)
+    with pytest.raises(ValueError, match="f32 or f16 cache"):
+        cpu_kernels.decode_attention(q, kt.astype(jnp.float16), v, jnp.zeros((1,), jnp.int32), 3)
+    with pytest.raises(ValueError, match="f32 or f16 cache"):
+        cpu_kernels.decode_attention(q, kt.astype(jnp.bfloat16), v.astype(jnp.bfloat16), jnp.zeros((1,), jnp.int32), 3)
+
+
 def test_peaked_scores_exercise_the_exp():
     """Scores spanning ~0..-300 (large queries): exponents near the underflow clamp, and a softmax
     dominated by a few columns, as in real attention heads."""

@@ -23,11 +23,11 @@ def tiny_cfg(n_kv_heads: int) -> TextConfig:
                       n_kv_heads=n_kv_heads, head_dim=8, rope_dim=8, rope_base=10000.0, rms_eps=1e-5)
 
 
-def run(cfg, params, tokens, kv_start, per_layer, length, n_decode=3, decode_kernel=False):
+def run(cfg, params, tokens, kv_start, per_layer, length, n_decode=3, decode_kernel=False, kv_dtype=jnp.float32):
     """Prefill `tokens` [B, T] (left-padded from kv_start), then n_decode greedy steps; all logits [B, 1+n, V]."""
     model = Decoder(cfg, jnp.float32, decode_kernel=decode_kernel)
     b, t = tokens.shape
-    cache = KVCache.zeros(cfg, b, length, jnp.float32, per_layer=per_layer)
+    cache = KVCache.zeros(cfg, b, length, kv_dtype, per_layer=per_layer)
     positions = np.maximum(np.arange(t)[None] - kv_start[:, None], 0).astype(np.int32)
     logits, cache = model.apply(params, tokens, positions, cache, 0, kv_start, length if per_layer else t,
                                 logit_index=np.full(b, t - 1, np.int32))
@@ -92,3 +92,30 @@ def test_decode_kernel_equals_xla_attention(batch, n_kv_heads):
     kernel = run(cfg, params, tokens, kv_start, per_layer=True, length=length, n_decode=6, decode_kernel=True)
     # Logits reach ~40 here: f32 rounding is ~1e-6 of that, plus 1e-5 absolute for the small ones.
     np.testing.assert_allclose(kernel, stacked, atol=1e-5, rtol=1e-6)
+
+
+def test_f16_cache_decodes_through_the_f16_kernel():
+    """An f16 cache (`-ctk/-ctv f16`) on the native path: decode steps call the f16 attention kernel
+    (in the compiled step) and give XLA's logits over the same f16 stacked cache (f32 rounding: both
+    read the same f16 values, converted exactly)."""
+    from llava_jax import cpu_kernels
+
+    if not cpu_kernels.kernels_available():
+        pytest.skip(f"decode kernels {cpu_kernels.kernel_status()}")
+    cfg = tiny_cfg(2)
+    rng = np.random.default_rng(11)
+    t, length, batch = 12, 32, 2
+    tokens = rng.integers(0, cfg.vocab_size, (batch, t)).astype(np.int32)
+    kv_start = np.array([0, 5], np.int32)
+    params = Decoder(cfg, jnp.float32).init(jax.random.PRNGKey(1), tokens, np.zeros_like(tokens),
+                                            KVCache.zeros(cfg, batch, length, jnp.float32), 0, kv_start, t)
+    stacked = run(cfg, params, tokens, kv_start, per_layer=False, length=length, n_decode=6, kv_dtype=jnp.float16)
+    kernel = run(cfg, params, tokens, kv_start, per_layer=True, length=length, n_decode=6, decode_kernel=True,
+                 kv_dtype=jnp.float16)
+    np.testing.assert_allclose(kernel, stacked, atol=1e-5, rtol=1e-6)
+
+    model = Decoder(cfg, jnp.float32, decode_kernel=True)
+    cache = KVCache.zeros(cfg, batch, length, jnp.float16, per_layer=True)
+    step = jax.jit(lambda p, tok, c: model.apply(p, tok, np.zeros((batch, 1), np.int32), c, t, kv_start, length,
+                                                 logit_index=np.zeros(batch, np.int32))).lower(params, tokens[:, :1], cache)
+    assert step.as_text().count(cpu_kernels.ATTENTION_F16) == cfg.n_layers

@@ -13,7 +13,7 @@
 // Attention (`LlavaDecodeAttention`):
 //   q        f32 [N, G, Dh]   N = B * Hkv (row-major b, kv head), G query heads per kv head
 //   kt       f32 [N, Dh, S]   keys, transposed (as llava_jax.text.KVCache stores them)
-//   v        f32 [N, S, Dh]
+//   v        f32 [N, S, Dh]   (kt and v f16 in `LlavaDecodeAttentionF16`: an f16 cache, read as f32)
 //   kv_start s32 [B]          first valid column of each row (left padding before it)
 //   column   s32 []           column of the new token (already written to kt / v)
 //   out      f32 [N, G, Dh]   softmax(q . k / sqrt(Dh)) . v over columns [kv_start[b], column]
@@ -65,6 +65,21 @@ inline F8 Load8(const float* p) {
   std::memcpy(&x, p, sizeof x);
   return x;
 }
+// Eight f16 KV values (their bits) -> f32, exactly (F16C where the CPU has it).
+inline F8 Load8(const uint16_t* p) {
+  F8 x;
+#if defined(__F16C__)
+  __m128i h;
+  std::memcpy(&h, p, sizeof h);
+  const __m256 f = _mm256_cvtph_ps(h);
+  std::memcpy(&x, &f, sizeof x);
+#else
+  for (int t = 0; t < 8; ++t) x[t] = HalfToFloat(p[t]);
+#endif
+  return x;
+}
+inline float ToF32(float x) { return x; }
+inline float ToF32(uint16_t h) { return HalfToFloat(h); }
 inline void Store8(float* p, F8 x) { std::memcpy(p, &x, sizeof x); }
 inline F8 Splat8(float x) { return F8{} + x; }
 
@@ -90,10 +105,12 @@ inline F8 Exp8(F8 x) {
 constexpr int64_t kMaxHeads = 16;  // query heads per kv head that the vectorized path takes
 
 
+// KV: the cache's element type, float (f32) or uint16_t (f16 bits, read as f32 exactly).
+template <typename KV>
 struct Problem {
   const float* q;
-  const float* kt;
-  const float* v;
+  const KV* kt;
+  const KV* v;
   const int32_t* kv_start;
   float* out;
   int64_t n, hkv, g, dh, s, col, chunks;
@@ -119,7 +136,8 @@ struct Problem {
   void Dispatch(int64_t unit);  // the vectorized path where it applies, else Unit
 };
 
-Problem::Span Problem::Begin(int64_t unit) {
+template <typename KV>
+typename Problem<KV>::Span Problem<KV>::Begin(int64_t unit) {
   const int64_t i = unit / chunks, c = unit % chunks;
   const int64_t first = lo(i), total = col + 1 - first;
   const int64_t c0 = first + total * c / chunks, c1 = first + total * (c + 1) / chunks;
@@ -133,34 +151,36 @@ Problem::Span Problem::Begin(int64_t unit) {
   return span;
 }
 
-void Problem::Unit(int64_t unit, std::vector<float>& scores) {
+template <typename KV>
+void Problem<KV>::Unit(int64_t unit, std::vector<float>& scores) {
   const Span span = Begin(unit);
   if (span.len <= 0) return;
   const int64_t i = span.i, c0 = span.c0, len = span.len;
   float *mp = span.m, *lp = span.l, *op = span.o;
   scores.assign(static_cast<size_t>(g * len), 0.0f);
   const float* qi = q + i * g * dh;
-  const float* ki = kt + i * dh * s + c0;
-  const float* vi = v + (i * s + c0) * dh;
+  const KV* ki = kt + i * dh * s + c0;
+  const KV* vi = v + (i * s + c0) * dh;
   // scores[h][j] = q[h] . k[:, c0 + j] / sqrt(Dh), four key rows per pass, all g heads at once.
   int64_t d = 0;
   for (; d + 4 <= dh; d += 4) {
-    const float *k0 = ki + d * s, *k1 = k0 + s, *k2 = k1 + s, *k3 = k2 + s;
+    const KV *k0 = ki + d * s, *k1 = k0 + s, *k2 = k1 + s, *k3 = k2 + s;
     for (int64_t h = 0; h < g; ++h) {
       const float* qh = qi + h * dh + d;
       const float a0 = qh[0] * scale, a1 = qh[1] * scale, a2 = qh[2] * scale, a3 = qh[3] * scale;
       float* sh = scores.data() + h * len;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) sh[j] += a0 * k0[j] + a1 * k1[j] + a2 * k2[j] + a3 * k3[j];
+      for (int64_t j = 0; j < len; ++j)
+        sh[j] += a0 * ToF32(k0[j]) + a1 * ToF32(k1[j]) + a2 * ToF32(k2[j]) + a3 * ToF32(k3[j]);
     }
   }
   for (; d < dh; ++d) {
-    const float* krow = ki + d * s;
+    const KV* krow = ki + d * s;
     for (int64_t h = 0; h < g; ++h) {
       const float a = qi[h * dh + d] * scale;
       float* sh = scores.data() + h * len;
 #pragma omp simd
-      for (int64_t j = 0; j < len; ++j) sh[j] += a * krow[j];
+      for (int64_t j = 0; j < len; ++j) sh[j] += a * ToF32(krow[j]);
     }
   }
   for (int64_t h = 0; h < g; ++h) {
@@ -180,12 +200,12 @@ void Problem::Unit(int64_t unit, std::vector<float>& scores) {
   // o[h] = sum_j p[h][j] v[c0 + j]: one pass over the values for all g heads.
   std::fill(op, op + g * dh, 0.0f);
   for (int64_t j = 0; j < len; ++j) {
-    const float* vrow = vi + j * dh;
+    const KV* vrow = vi + j * dh;
     for (int64_t h = 0; h < g; ++h) {
       const float p = scores[h * len + j];
       float* oh = op + h * dh;
 #pragma omp simd
-      for (int64_t e = 0; e < dh; ++e) oh[e] += p * vrow[e];
+      for (int64_t e = 0; e < dh; ++e) oh[e] += p * ToF32(vrow[e]);
     }
   }
 }
@@ -195,8 +215,9 @@ void Problem::Unit(int64_t unit, std::vector<float>& scores) {
 // lines of values are prefetched per eight columns and pass (Dh = 64: the first half of the values;
 // prefetching all of them measured no faster). Values: a block of columns at a time (in L1), one
 // head's sums in registers.
+template <typename KV>
 template <int NV>
-void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
+void Problem<KV>::UnitVec(int64_t unit, std::vector<float>& scores) {
   constexpr int64_t DH = 8 * NV;
   constexpr int64_t kRows = 8;  // key rows (head dims) per pass: eight streams, eight vectors in registers
   const Span span = Begin(unit);
@@ -206,15 +227,15 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   const int64_t full = len / 8 * 8, padded = full + 8;  // whole vectors of columns; a scalar tail
   scores.assign(static_cast<size_t>(g * padded), 0.0f);
   const float* qi = q + i * g * DH;
-  const float* ki = kt + i * DH * s + c0;
-  const float* vi = v + (i * s + c0) * DH;
+  const KV* ki = kt + i * DH * s + c0;
+  const KV* vi = v + (i * s + c0) * DH;
   const char* vbytes = reinterpret_cast<const char*>(vi);
-  const int64_t vlen = len * DH * 4;
+  const int64_t vlen = len * DH * static_cast<int64_t>(sizeof(KV));
   int64_t vfetch = 0;  // bytes of values prefetched so far
   float qs[kMaxHeads * DH];  // scaled queries [g][DH] (Dispatch: g <= kMaxHeads)
   for (int64_t e = 0; e < g * DH; ++e) qs[e] = qi[e] * scale;
   for (int64_t d0 = 0; d0 < DH; d0 += kRows) {
-    const float* kr = ki + d0 * s;
+    const KV* kr = ki + d0 * s;
     int64_t j = 0;
     for (; j < full; j += 8) {
       F8 k[kRows];
@@ -234,7 +255,7 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
     for (; j < len; ++j)  // the last columns, fewer than eight
       for (int64_t h = 0; h < g; ++h) {
         float a = 0.0f;
-        for (int r = 0; r < kRows; ++r) a += qs[h * DH + d0 + r] * kr[r * s + j];
+        for (int r = 0; r < kRows; ++r) a += qs[h * DH + d0 + r] * ToF32(kr[r * s + j]);
         scores[h * padded + j] += a;
       }
   }
@@ -273,7 +294,7 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
       for (int e = 0; e < NV; ++e) acc[e] = Load8(op + h * DH + 8 * e);
       for (int64_t j = j0; j < j1; ++j) {
         const float p = ph[j];
-        const float* vrow = vi + j * DH;
+        const KV* vrow = vi + j * DH;
         for (int e = 0; e < NV; ++e) acc[e] += p * Load8(vrow + 8 * e);
       }
       for (int e = 0; e < NV; ++e) Store8(op + h * DH + 8 * e, acc[e]);
@@ -281,7 +302,8 @@ void Problem::UnitVec(int64_t unit, std::vector<float>& scores) {
   }
 }
 
-void Problem::Dispatch(int64_t unit) {
+template <typename KV>
+void Problem<KV>::Dispatch(int64_t unit) {
   thread_local std::vector<float> scores;  // reused across calls on each thread
   if (g > kMaxHeads) return Unit(unit, scores);
   switch (dh) {
@@ -296,9 +318,12 @@ void Problem::Dispatch(int64_t unit) {
   }
 }
 
-ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> kt,
-                           ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> kv_start, ffi::Buffer<ffi::S32> column,
+// KVType: F32, or F16 (a `-ctk/-ctv f16` cache: the same computation on the exactly converted values).
+template <ffi::DataType KVType>
+ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<KVType> kt,
+                           ffi::Buffer<KVType> v, ffi::Buffer<ffi::S32> kv_start, ffi::Buffer<ffi::S32> column,
                            ffi::ResultBuffer<ffi::F32> out) {
+  using KV = ffi::NativeType<KVType>;
   auto qd = q.dimensions(), kd = kt.dimensions(), vd = v.dimensions();
   if (qd.size() < 2 || kd.size() < 2 || vd.size() < 2)
     return ffi::Error::InvalidArgument("decode_attention: q, kt, v need rank >= 2");
@@ -312,7 +337,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
   const int64_t col = column.typed_data()[0];
   if (col < 0 || col >= s) return ffi::Error::InvalidArgument("decode_attention: column outside the KV buffer");
 
-  auto p = std::make_shared<Problem>();
+  auto p = std::make_shared<Problem<KV>>();
   p->q = q.typed_data();
   p->kt = kt.typed_data();
   p->v = v.typed_data();
@@ -566,15 +591,18 @@ ffi::Error Dequantize(ffi::ThreadPool pool, ffi::Buffer<ffi::U8> w, ffi::ResultB
 
 }  // namespace
 
-XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaDecodeAttention, DecodeAttention,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+#define LLAVA_ATTENTION_HANDLER(symbol, kv_type)                          \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(symbol, DecodeAttention<kv_type>,         \
+                                ffi::Ffi::Bind()                          \
+                                    .Ctx<ffi::ThreadPool>()               \
+                                    .Arg<ffi::Buffer<ffi::F32>>()         \
+                                    .Arg<ffi::Buffer<kv_type>>()          \
+                                    .Arg<ffi::Buffer<kv_type>>()          \
+                                    .Arg<ffi::Buffer<ffi::S32>>()         \
+                                    .Arg<ffi::Buffer<ffi::S32>>()         \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+LLAVA_ATTENTION_HANDLER(LlavaDecodeAttention, ffi::F32)
+LLAVA_ATTENTION_HANDLER(LlavaDecodeAttentionF16, ffi::F16)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LlavaGemv, Gemv,
                               ffi::Ffi::Bind()
