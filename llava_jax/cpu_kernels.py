@@ -4,7 +4,7 @@ Two kernels (`kernels/decode_kernels.cc`), used by one-token decode steps on one
 - `decode_attention`: XLA:CPU runs one-token attention as small batched dots and a softmax over the
   whole static window at a fraction of memory speed (SmolLM2, column ~600: ~5 ms of a ~32 ms token);
   the kernel reads only the valid columns, each key and value column once for all the query heads that
-  share it.
+  share it. The cache may be f32 or f16 (`-ctk/-ctv f16`: half the bytes a step reads, converted exactly).
 - `gemv`: the layers' matrix-vector products. A decode step reads every weight once and is bound by
   memory speed; each thread streams its rows sequentially (the pattern the hardware prefetcher follows
   best), in 8 pieces per thread taken from one counter so a slowed thread does less. On the 2-core VM
