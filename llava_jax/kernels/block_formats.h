@@ -125,7 +125,19 @@ inline B16 BitsOfWord(uint32_t w, int b0) {
   return LoadB16(bits);
 }
 
-// Sixteen f16 values -> f32 (F16C where the CPU has it).
+// Eight f16 values (16 bytes) -> f32 into out[0..8) (F16C where the CPU has it).
+inline void Halves8ToF(const uint8_t* p, float* out) {
+#if defined(__F16C__)
+  __m128i h;
+  std::memcpy(&h, p, 16);
+  const __m256 f = _mm256_cvtph_ps(h);
+  std::memcpy(out, &f, 32);
+#else
+  for (int j = 0; j < 8; ++j) out[j] = HalfToFloat(U16(p + 2 * j));
+#endif
+}
+
+// Sixteen f16 values -> f32 (one instruction with AVX-512, else two eights).
 inline F16v HalvesToF(const uint8_t* p) {
   F16v out;
 #if defined(__AVX512F__)
@@ -133,15 +145,11 @@ inline F16v HalvesToF(const uint8_t* p) {
   std::memcpy(&h, p, 32);
   const __m512 f = _mm512_cvtph_ps(h);
   std::memcpy(&out, &f, sizeof out);
-#elif defined(__F16C__)
-  __m128i h0, h1;
-  std::memcpy(&h0, p, 16);
-  std::memcpy(&h1, p + 16, 16);
-  const __m256 f0 = _mm256_cvtph_ps(h0), f1 = _mm256_cvtph_ps(h1);
-  std::memcpy(&out, &f0, 32);
-  std::memcpy(reinterpret_cast<char*>(&out) + 32, &f1, 32);
 #else
-  for (int j = 0; j < 16; ++j) out[j] = HalfToFloat(U16(p + 2 * j));
+  float f[16];
+  Halves8ToF(p, f);
+  Halves8ToF(p + 16, f + 8);
+  std::memcpy(&out, f, sizeof out);
 #endif
   return out;
 }

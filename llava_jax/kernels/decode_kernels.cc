@@ -65,18 +65,11 @@ inline F8 Load8(const float* p) {
   std::memcpy(&x, p, sizeof x);
   return x;
 }
-// Eight f16 KV values (their bits) -> f32, exactly (F16C where the CPU has it).
+// Eight f16 KV values (their bits) -> f32, exactly.
 inline F8 Load8(const uint16_t* p) {
-  F8 x;
-#if defined(__F16C__)
-  __m128i h;
-  std::memcpy(&h, p, sizeof h);
-  const __m256 f = _mm256_cvtph_ps(h);
-  std::memcpy(&x, &f, sizeof x);
-#else
-  for (int t = 0; t < 8; ++t) x[t] = HalfToFloat(p[t]);
-#endif
-  return x;
+  float f[8];
+  Halves8ToF(reinterpret_cast<const uint8_t*>(p), f);
+  return Load8(f);
 }
 inline float ToF32(float x) { return x; }
 inline float ToF32(uint16_t h) { return HalfToFloat(h); }
